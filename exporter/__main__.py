@@ -1,0 +1,48 @@
+"""Command line: ``python -m exporter {demo,rules,...}``."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import List, Optional
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from . import demo
+
+    return demo.main(args.scenario, steps=args.steps, step_time=args.step_time, eval_every=args.eval_every,
+                     run=args.run, port=args.port, addr=args.addr, linger=args.linger)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .demo import SCENARIOS
+
+    parser = argparse.ArgumentParser(prog="python -m exporter",
+                                     description="Prometheus exporter for PyTorch training jobs.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = sub.add_parser("demo", help="run a real small training (CPU, synthetic data) with the exporter",
+                          description="Train a small MLP on synthetic data with the exporter serving /metrics. "
+                                      "Scenarios: " + "; ".join(f"{k}: {v.description}" for k, v in SCENARIOS.items()))
+    demo.add_argument("--scenario", choices=sorted(SCENARIOS), default="healthy")
+    demo.add_argument("--steps", type=int, default=1200, help="optimizer steps (default 1200)")
+    demo.add_argument("--step-time", type=float, default=0.05,
+                      help="minimum seconds per step, to pace the run like a real job (default 0.05)")
+    demo.add_argument("--eval-every", type=int, default=50, help="steps between evaluations (default 50)")
+    demo.add_argument("--run", help="run id (default demo-SCENARIO)")
+    demo.add_argument("--port", type=int, help="port to serve on (default 9945 or TRAINING_EXPORTER_PORT; 0: any)")
+    demo.add_argument("--addr", help="address to bind (default 0.0.0.0 or TRAINING_EXPORTER_ADDR)")
+    demo.add_argument("--linger", type=float, default=0.0,
+                      help="seconds to keep serving after the run ended, so Prometheus scrapes the end")
+    demo.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

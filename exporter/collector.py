@@ -1,0 +1,141 @@
+"""The host-side state of one training process and the collector that serves it at scrape time."""
+from __future__ import annotations
+
+import collections
+import math
+import threading
+import time
+from typing import Callable, Dict, Iterable, Optional, Tuple
+
+import numpy as np
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
+from prometheus_client.registry import Collector
+
+from . import device_stats as ds
+from .metrics import BASE_LABELS, DROP_KINDS, ERROR_SITES, METRICS, RUN_STATUSES
+
+_FAMILY = {"gauge": GaugeMetricFamily, "counter": CounterMetricFamily, "summary": SummaryMetricFamily}
+
+
+class RunState(Collector):
+    """Everything one process publishes, guarded by ``lock``; ``collect()`` serves a consistent copy.
+
+    ``refresh`` runs first at every scrape (the exporter takes completed device reads there), so a scrape
+    shows the latest values even while the training thread is busy.
+    """
+
+    def __init__(self, run: str, rank: int, info: Dict[str, str], max_window: float,
+                 refresh: Optional[Callable[[], None]] = None) -> None:
+        self.lock = threading.RLock()
+        self.base = (run, str(rank))
+        self.info = dict(info)
+        self.max_window = max_window
+        self.refresh = refresh
+        self.status = "running"
+        self.start_time = time.time()
+        self.step = 0
+        self.epoch = 0
+        self.last_step_time: Optional[float] = None
+        self.losses: Dict[str, float] = {}
+        self.lrs: Dict[str, float] = {}
+        self.grad_norm: Optional[float] = None
+        self.grad_mean: Optional[float] = None
+        self.layer_norms: Dict[str, float] = {}
+        self.eval_metrics: Dict[Tuple[str, str], float] = {}
+        self.eval_steps: Dict[str, int] = {}
+        self.eval_times: Dict[str, float] = {}
+        self.samples = 0.0
+        self.duration_sum = 0.0
+        self.duration_count = 0
+        self.loss_sum = 0.0
+        self.loss_count = 0
+        self.loss_nonfinite = 0
+        self.grad_nonfinite = 0
+        self.skipped = 0
+        self.errors = dict.fromkeys(ERROR_SITES, 0)
+        self.dropped = dict.fromkeys(DROP_KINDS, 0)
+        # (time, largest finite loss, largest finite grad norm) of each accumulator snapshot, newest last.
+        self._recent: collections.deque = collections.deque()
+
+    def merge_steps(self, values: np.ndarray, when: float) -> None:
+        """Fold a ``StepAccumulator`` snapshot (taken at ``when``) into the totals. Call with ``lock`` held."""
+        self.loss_sum += float(values[ds.SUM, ds.LOSS])
+        self.loss_count += int(values[ds.COUNT, ds.LOSS])
+        self.loss_nonfinite += int(values[ds.NONFINITE, ds.LOSS])
+        self.grad_nonfinite += int(values[ds.NONFINITE, ds.GRAD])
+        if values[ds.COUNT, ds.LOSS] + values[ds.NONFINITE, ds.LOSS] > 0:
+            self.losses["train"] = float(values[ds.LAST, ds.LOSS])
+        if values[ds.COUNT, ds.GRAD] + values[ds.NONFINITE, ds.GRAD] > 0:
+            self.grad_norm = float(values[ds.LAST, ds.GRAD])
+        self._recent.append((when, float(values[ds.MAX, ds.LOSS]), float(values[ds.MAX, ds.GRAD])))
+
+    def recent_max(self, now: float) -> Tuple[float, float]:
+        """Largest finite loss and grad norm within ``max_window`` seconds (the newest snapshot is always kept)."""
+        while len(self._recent) > 1 and self._recent[0][0] < now - self.max_window:
+            self._recent.popleft()
+        loss = max((r[1] for r in self._recent), default=-math.inf)
+        grad = max((r[2] for r in self._recent), default=-math.inf)
+        return loss, grad
+
+    def collect(self) -> Iterable:
+        if self.refresh is not None:
+            self.refresh()
+        with self.lock:
+            return list(self._families())
+
+    def _families(self) -> Iterable:
+        base = self.base
+
+        def family(name: str):
+            metric = METRICS[name]
+            return _FAMILY[metric.type](name, metric.help, labels=BASE_LABELS + metric.labels)
+
+        def single(name: str, value: Optional[float], *extra: str):
+            f = family(name)
+            if value is not None:
+                f.add_metric(base + extra, value)
+            return f
+
+        def labelled(name: str, values: Dict, key=lambda k: (k,)):
+            f = family(name)
+            for k, v in sorted(values.items()):
+                f.add_metric(base + key(k), v)
+            return f
+
+        yield single("training_step", self.step)
+        yield single("training_epoch", self.epoch)
+        yield single("training_last_step_timestamp_seconds", self.last_step_time)
+        yield labelled("training_loss", self.losses)
+        yield labelled("training_learning_rate", self.lrs)
+        yield single("training_grad_norm", self.grad_norm)
+        yield labelled("training_eval_metric", self.eval_metrics, key=lambda k: k)
+
+        info_names = sorted(set(self.info) - set(METRICS["training_run_info"].labels))
+        info = GaugeMetricFamily("training_run_info", METRICS["training_run_info"].help,
+                                 labels=BASE_LABELS + METRICS["training_run_info"].labels + tuple(info_names))
+        info.add_metric(base + tuple(self.info[k] for k in METRICS["training_run_info"].labels + tuple(info_names)),
+                        1)
+        yield info
+        yield labelled("training_run_status", {s: float(s == self.status) for s in RUN_STATUSES})
+        yield single("training_run_start_timestamp_seconds", self.start_time)
+
+        summary = family("training_step_loss")
+        summary.add_metric(base, self.loss_count, self.loss_sum)
+        yield summary
+        loss_max, grad_max = self.recent_max(time.time())
+        yield single("training_loss_recent_max", loss_max if loss_max > -math.inf else None)
+        yield single("training_grad_norm_recent_max", grad_max if grad_max > -math.inf else None)
+        yield single("training_loss_nonfinite_total", self.loss_nonfinite)
+        yield single("training_grad_nonfinite_total", self.grad_nonfinite)
+        yield single("training_scaler_skipped_steps_total", self.skipped)
+        yield single("training_samples_total", self.samples)
+        durations = family("training_step_duration_seconds")
+        durations.add_metric(base, self.duration_count, self.duration_sum)
+        yield durations
+        yield labelled("training_eval_step", self.eval_steps)
+        yield labelled("training_eval_timestamp_seconds", self.eval_times)
+
+        yield single("training_grad_mean", self.grad_mean)
+        yield labelled("training_layer_grad_norm", self.layer_norms)
+        yield labelled("training_exporter_errors_total", self.errors)
+        yield labelled("training_exporter_dropped_total", self.dropped)

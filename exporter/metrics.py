@@ -1,0 +1,84 @@
+"""The metric definitions: the one place that names what the exporter serves.
+
+The collector builds its families from these definitions; the recording rules, the dashboards and the docs are
+checked against them by the tests. Every series also carries the labels in ``BASE_LABELS``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+BASE_LABELS = ("run", "rank")
+
+# Values of the labels of the exporter's own health counters; they exist at 0 from the start.
+ERROR_SITES = ("hook", "reader", "collect", "log")
+DROP_KINDS = ("config", "eval", "layer")
+RUN_STATUSES = ("running", "completed", "failed", "interrupted")
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One metric family: its exposed name, type, help text and labels beyond ``run`` and ``rank``."""
+
+    name: str
+    type: str  # "gauge", "counter" or "summary"
+    help: str
+    labels: tuple[str, ...] = ()
+
+    @property
+    def samples(self) -> tuple[str, ...]:
+        """Names of the samples the family exposes, as PromQL sees them."""
+        if self.type == "summary":
+            return (self.name + "_sum", self.name + "_count")
+        return (self.name,)
+
+
+_DEFS = [
+    # The contract's series.
+    Metric("training_step", "gauge", "Optimizer steps completed (global step, resumes with the job)."),
+    Metric("training_epoch", "gauge", "Current epoch."),
+    Metric("training_last_step_timestamp_seconds", "gauge", "Unix time of the last completed step."),
+    Metric("training_loss", "gauge", "Latest loss: train at every step, other splits at each evaluation.",
+           ("split",)),
+    Metric("training_learning_rate", "gauge", "Learning rate of each optimizer param group.", ("param_group",)),
+    Metric("training_grad_norm", "gauge", "Global L2 norm of the gradients at the last step, before clipping "
+           "where known."),
+    Metric("training_eval_metric", "gauge", "Task metrics reported with each evaluation.", ("split", "metric")),
+    # Run metadata and lifecycle.
+    Metric("training_run_info", "gauge", "Run metadata and bounded, sanitised config as labels; value 1.",
+           ("world_size", "local_rank", "host", "version")),
+    Metric("training_run_status", "gauge", "1 for the run's current status, 0 for the others.", ("status",)),
+    Metric("training_run_start_timestamp_seconds", "gauge", "Unix time the exporter of this process started."),
+    # Per-step aggregates: what happens between two scrapes is not lost to sampling.
+    Metric("training_step_loss", "summary", "Finite train losses of every step (sum and count), so that rules "
+           "compute exact means between scrapes."),
+    Metric("training_loss_recent_max", "gauge", "Largest finite train loss of the steps in the recent window "
+           "(max_window seconds), so that a one-step spike outlives the next scrape."),
+    Metric("training_grad_norm_recent_max", "gauge", "Largest finite global gradient norm of the steps in the "
+           "recent window (max_window seconds)."),
+    Metric("training_loss_nonfinite_total", "counter", "Steps whose train loss was NaN or infinite."),
+    Metric("training_grad_nonfinite_total", "counter", "Optimizer steps taken with NaN or infinite gradients."),
+    Metric("training_scaler_skipped_steps_total", "counter", "Steps whose optimizer update was skipped, as a "
+           "gradient scaler does when it finds infinite gradients."),
+    Metric("training_samples_total", "counter", "Training samples processed."),
+    Metric("training_step_duration_seconds", "summary", "Wall time between consecutive completed steps of this "
+           "process."),
+    Metric("training_eval_step", "gauge", "Global step of the latest evaluation of each split.", ("split",)),
+    Metric("training_eval_timestamp_seconds", "gauge", "Unix time of the latest evaluation of each split.",
+           ("split",)),
+    # Gradient detail.
+    Metric("training_grad_mean", "gauge", "Mean over parameters of each gradient's mean (sampled every "
+           "detail_every optimizer steps)."),
+    Metric("training_layer_grad_norm", "gauge", "L2 norm of the gradients of each layer group at the last step.",
+           ("layer",)),
+    # The exporter's own health.
+    Metric("training_exporter_errors_total", "counter", "Faults inside the exporter, caught before they reached "
+           "training.", ("where",)),
+    Metric("training_exporter_dropped_total", "counter", "Items dropped to bound label cardinality.", ("kind",)),
+]
+
+METRICS: dict[str, Metric] = {m.name: m for m in _DEFS}
+
+
+def sample_names() -> set[str]:
+    """Every sample name the exporter can expose, for checks of rules, dashboards and docs."""
+    return {s for m in _DEFS for s in m.samples}
