@@ -14,6 +14,21 @@ def _demo(args: argparse.Namespace) -> int:
                      run=args.run, port=args.port, addr=args.addr, linger=args.linger)
 
 
+def _rules(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .rules import ThresholdsError, write
+
+    try:
+        paths = write(Path(args.thresholds), Path(args.out))
+    except (OSError, ThresholdsError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for path in paths:
+        print(f"wrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .demo import SCENARIOS
 
@@ -35,6 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--linger", type=float, default=0.0,
                       help="seconds to keep serving after the run ended, so Prometheus scrapes the end")
     demo.set_defaults(func=_demo)
+
+    rules = sub.add_parser("rules", help="generate the Prometheus recording and alerting rules from a thresholds file")
+    rules.add_argument("--thresholds", required=True, help="thresholds YAML (deploy/prometheus/thresholds.yaml)")
+    rules.add_argument("--out", required=True, help="folder to write the rule files into")
+    rules.set_defaults(func=_rules)
     return parser
 
 
