@@ -33,6 +33,7 @@ class Scenario:
     batch_size: int = 64
     lr: float = 2e-3
     schedule: str = "constant"  # constant | warmup_cosine | step_decay
+    clip: Optional[float] = None  # clip the gradient norm to this, publishing the norm before clipping
 
 
 SCENARIOS = {
@@ -42,11 +43,11 @@ SCENARIOS = {
                        lr=4e-3),
     "stepdecay": Scenario("healthy with the learning rate divided by 10 at 50% and 80% of the run",
                           schedule="step_decay", lr=4e-3),
-    "overfit": Scenario("a fixed training set of 48 noisy samples: train loss falls, val loss rises",
-                        train_size=48, label_noise=1.0, lr=1e-2),
+    "overfit": Scenario("a fixed training set of 1024 noisy samples: train loss falls, val loss rises",
+                        train_size=1024, batch_size=32, label_noise=1.0, lr=1e-3, schedule="warmup_cosine"),
     "spike": Scenario("one bad batch (inputs scaled x30)", fault="spike"),
-    "explode": Scenario("a loss-scaling bug multiplies gradients by 1e4 (Adam keeps the loss stable)",
-                        fault="explode"),
+    "explode": Scenario("a loss-scaling bug grows the gradients to 1e4x over 200 steps; clipping keeps the "
+                        "loss stable and the pre-clip norm is published", fault="explode", clip=0.5),
     "diverge": Scenario("a sign bug: gradient ascent makes the loss climb", fault="diverge"),
     "nan": Scenario("a NaN in one input batch poisons the weights", fault="nan"),
     "plateau": Scenario("the learning rate drops to zero early: both losses stop improving", fault="plateau",
@@ -127,11 +128,12 @@ def train(exp: TrainingExporter, scenario: Scenario, *, steps: int, step_time: f
         if fault == "diverge":
             objective = -loss
         elif fault == "explode":
-            objective = loss * 1e4
+            objective = loss * 10 ** (4 * min(1.0, (step - fault_step) / 200))
         optimizer.zero_grad(set_to_none=True)
         objective.backward()
+        pre_clip = nn.utils.clip_grad_norm_(model.parameters(), scenario.clip) if scenario.clip else None
         optimizer.step()
-        exp.log_step(loss=loss, samples=len(x))
+        exp.log_step(loss=loss, samples=len(x), grad_norm=pre_clip)
 
         if (step + 1) % eval_every == 0:
             with torch.no_grad():

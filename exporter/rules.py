@@ -27,7 +27,6 @@ SEVERITY = {
     "TrainingDiverging": "critical",
     "TrainingOverfitting": "warning",
     "TrainingPlateau": "info",
-    "TrainingUnderfitting": "info",
     "TrainingLossDecreasingSlowly": "info",
     "TrainingHung": "critical",
     "TrainingTargetDown": "warning",
@@ -131,6 +130,16 @@ def recording_rules(t: Thresholds) -> List[Dict[str, str]]:
         # The slope relative to the loss level: 1e-4 means +10% per 1000 steps, whatever the loss's scale.
         "run:training_loss:relative_slope": f"""
             run:training_loss:slope / run:training_loss:smoothed offset {trend}""",
+        # Relative improvement per step of the best smoothed loss: the lowest value of the last trend window
+        # against the lowest of the window before. Minima of a noisy mean move less than the mean itself, so
+        # this reads "stopped improving" more reliably than the slope does.
+        "run:training_loss:improvement": f"""
+            (
+              min_over_time(run:training_loss:smoothed[{trend}] offset {trend})
+              - min_over_time(run:training_loss:smoothed[{trend}])
+            )
+            / min_over_time(run:training_loss:smoothed[{trend}] offset {trend})
+            / (run:training_step:advance > 0)""",
         # Loss change per step over the smoothing window (the seed's third instability plot).
         "run:training_loss:change_per_step": f"""
             (run:training_loss:smoothed - run:training_loss:smoothed offset {smooth})
@@ -152,6 +161,9 @@ def recording_rules(t: Thresholds) -> List[Dict[str, str]]:
         # noise.
         "run:training_loss_recent_max:baseline": f"""
             max by (job, run) (quantile_over_time(0.5, training_loss_recent_max{{{s}}}[{baseline}]))""",
+        # How far the latest windowed maximum stands above that usual level: the loss-spike signal.
+        "run:training_loss:spike_ratio": f"""
+            max by (job, run) (training_loss_recent_max{{{s}}}) / run:training_loss_recent_max:baseline""",
         "run:training_samples:rate": f"""
             sum by (job, run) (rate(training_samples_total{{{s}}}[{smooth}]))""",
         "run:training_steps:rate": f"""
@@ -173,11 +185,12 @@ def alerting_rules(t: Thresholds) -> List[Dict[str, Any]]:
     a = "alerts."
     nf, ge, ls = a + "TrainingLossNotFinite.", a + "TrainingGradientExplosion.", a + "TrainingLossSpike."
     dv, of, pl = a + "TrainingDiverging.", a + "TrainingOverfitting.", a + "TrainingPlateau."
-    uf, sl, hg, td = (a + "TrainingUnderfitting.", a + "TrainingLossDecreasingSlowly.", a + "TrainingHung.",
-                      a + "TrainingTargetDown.")
-    plateau_slope = t.number(pl + "relative_slope")
+    sl, hg, td = a + "TrainingLossDecreasingSlowly.", a + "TrainingHung.", a + "TrainingTargetDown."
+    plateau_slope = t.number(pl + "relative_improvement")
     old_enough = f"""(time() - min by (job, run) (training_run_start_timestamp_seconds{{{s}}})) > {_num(t.seconds(pl + "min_age"))}"""
-    flat = f"""abs(run:training_loss:relative_slope) < {_num(plateau_slope)}"""
+    # Not improving, and not rising either (a rising loss is the divergence alert's).
+    flat = f"""run:training_loss:improvement < {_num(plateau_slope)}
+            and run:training_loss:smoothed < {_num(1 + t.number(pl + "max_rise"))} * min_over_time(run:training_loss:smoothed[{trend}])"""
     running = f"""max by (job, run) (training_run_status{{{s}, status="running"}}) == 1"""
 
     alerts = [
@@ -205,16 +218,17 @@ def alerting_rules(t: Thresholds) -> List[Dict[str, Any]]:
          + _num(t.number(ge + "factor")) + "x its median over the last " + t.duration("windows.baseline")
          + " or above the ceiling " + _num(t.number(ge + "ceiling")) + "."),
         ("TrainingLossSpike", f"""
-            max by (job, run) (max_over_time(training_loss_recent_max{{{s}}}[{t.duration(ls + "window")}]))
-              > {_num(t.number(ls + "factor"))} * run:training_loss_recent_max:baseline""",
+            max_over_time(run:training_loss:spike_ratio[{t.duration(ls + "window")}]) > {_num(t.number(ls + "factor"))}""",
          t.duration(ls + "for"),
          "Training loss spiked.",
-         "Run {{ $labels.run }}: a step's train loss reached {{ $value | humanize }}, more than "
-         + _num(t.number(ls + "factor")) + "x the run's usual windowed maximum."),
+         "Run {{ $labels.run }}: a step's train loss reached {{ $value | humanize }}x the run's usual windowed "
+         "maximum (threshold " + _num(t.number(ls + "factor")) + "x) in the last " + t.duration(ls + "window") + "."),
         ("TrainingDiverging", f"""
             run:training_loss:relative_slope > {_num(t.number(dv + "relative_slope"))}
             and
-            run:training_loss:smoothed > {_num(1 + t.number(dv + "min_rise"))} * min_over_time(run:training_loss:smoothed[{trend}])""",
+            run:training_loss:smoothed > {_num(1 + t.number(dv + "min_rise"))} * min_over_time(run:training_loss:smoothed[{trend}])
+            and
+            run:training_loss:change_per_step > 0""",
          t.duration(dv + "for"),
          "Training loss trends upward.",
          "Run {{ $labels.run }}: the smoothed train loss rises by {{ $value | humanizePercentage }} per step "
@@ -223,12 +237,14 @@ def alerting_rules(t: Thresholds) -> List[Dict[str, Any]]:
             run:training_eval_loss:latest{{split="{split}"}}
               > {_num(1 + t.number(of + "val_rise"))} * min_over_time(run:training_eval_loss:latest{{split="{split}"}}[{lookback}])
             and ignoring (split)
-            run:training_loss:smoothed < run:training_loss:smoothed offset {trend}""",
+            run:training_generalization_gap:trend > 0
+            and ignoring (split)
+            run:training_loss:smoothed < {_num(1 + t.number(of + "train_near_best"))} * min_over_time(run:training_loss:smoothed[{lookback}])""",
          t.duration(of + "for"),
          "Validation loss rises while training loss falls: overfitting.",
          "Run {{ $labels.run }}: " + split + " loss {{ $value | humanize }} is more than "
          + _pct(t.number(of + "val_rise")) + " above its best of the last " + lookback
-         + " while the train loss keeps falling; the generalization gap widens."),
+         + " while the train loss stays at its best; the generalization gap widens."),
         ("TrainingPlateau", f"""
             {flat}
             and on (job, run) {old_enough}
@@ -236,25 +252,16 @@ def alerting_rules(t: Thresholds) -> List[Dict[str, Any]]:
             run:training_eval_loss:latest{{split="{split}"}} < run:training_eval_loss:latest{{split="{split}"}} offset {trend}""",
          t.duration(pl + "for"),
          "Training and validation loss stopped improving: converged or stuck.",
-         "Run {{ $labels.run }}: the smoothed train loss changes by {{ $value | humanizePercentage }} per step "
-         "(relative) over " + trend + " and the " + split + " loss is not improving."),
-        ("TrainingUnderfitting", f"""
-            {flat}
-            and on (job, run) {old_enough}
-            and on (job, run)
-            run:training_loss:smoothed > {_num(t.number(uf + "high_ratio"))} * max_over_time(run:training_loss:smoothed[{lookback}])""",
-         t.duration(uf + "for"),
-         "Training loss is flat while still high: underfitting.",
-         "Run {{ $labels.run }}: the train loss stopped falling at more than "
-         + _pct(t.number(uf + "high_ratio")) + " of its highest level of the last " + lookback + "."),
+         "Run {{ $labels.run }}: the best smoothed train loss improved by {{ $value | humanizePercentage }} per "
+         "step over the last " + trend + " and the " + split + " loss is not improving."),
         ("TrainingLossDecreasingSlowly", f"""
-            run:training_loss:relative_slope < -{_num(plateau_slope)}
-            and run:training_loss:relative_slope > -{_num(t.number(sl + "relative_slope"))}
+            run:training_loss:improvement >= {_num(plateau_slope)}
+            and run:training_loss:improvement < {_num(t.number(sl + "relative_improvement"))}
             and on (job, run) {old_enough}""",
          t.duration(sl + "for"),
          "Training loss falls too slowly: the learning rate may be too low.",
-         "Run {{ $labels.run }}: the smoothed train loss changes by {{ $value | humanizePercentage }} per step "
-         "(relative) over " + trend + "."),
+         "Run {{ $labels.run }}: the best smoothed train loss improves by only {{ $value | humanizePercentage }} "
+         "per step over the last " + trend + "."),
         ("TrainingHung", f"""
             time() - max by (job, run) (
               training_last_step_timestamp_seconds{{{s}}}

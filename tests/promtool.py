@@ -1,0 +1,105 @@
+"""Helpers to write `promtool test rules` files from Python-built series and run them."""
+from __future__ import annotations
+
+import json
+import math
+import re
+import subprocess
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Sequence
+
+import yaml
+
+from exporter import rules
+from exporter.stack import binary
+
+ROOT = Path(__file__).resolve().parent.parent
+THRESHOLDS = ROOT / "deploy" / "prometheus" / "thresholds.yaml"
+RULES_DIR = ROOT / "deploy" / "prometheus" / "rules"
+RECORDED = Path(__file__).resolve().parent / "data" / "recorded"
+_KEY = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?$")
+
+Series = Dict[str, List[Optional[float]]]
+
+
+def fmt(value) -> str:
+    if value is None:
+        return "_"
+    value = float(value)
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "Inf" if value > 0 else "-Inf"
+    return f"{value:.10g}"
+
+
+def selector(key: str, labels: Dict[str, str]) -> str:
+    """``name{a="b"}`` with ``labels`` merged in."""
+    m = _KEY.match(key)
+    name, inner = m.group(1), m.group(2)
+    pairs = dict(labels)
+    if inner:
+        for part in re.findall(r'(\w+)="([^"]*)"', inner):
+            pairs[part[0]] = part[1]
+    return name + "{" + ",".join(f'{k}="{v}"' for k, v in sorted(pairs.items())) + "}"
+
+
+def input_series(series: Series, labels: Dict[str, str]) -> List[Dict[str, str]]:
+    return [{"series": selector(key, labels), "values": " ".join(fmt(v) for v in values)}
+            for key, values in series.items()]
+
+
+def load_recorded(name: str) -> Series:
+    data = json.loads((RECORDED / f"{name}.json").read_text())
+    series = {k: [float(v) if isinstance(v, str) else v for v in vs] for k, vs in data["series"].items()}
+    n = len(series["training_step"])
+    series.update(process_series(n))
+    return series
+
+
+def process_series(n: int, *, running: Iterable[float] = (), start: float = 0.0) -> Series:
+    """What every exporter serves beside the training values: status, start time, and `up`."""
+    running = list(running) or [1.0] * n
+    return {
+        'training_run_status{status="running"}': running,
+        "training_run_start_timestamp_seconds": [start] * n,
+        "up": [1.0] * n,
+    }
+
+
+def fired(test_name: str, minutes: int) -> Dict:
+    """A promql test whose result lists every (alertname, severity) that fired at any time of the test."""
+    return {"expr": f'group by (alertname, severity, run) (count_over_time(ALERTS{{alertstate="firing"}}[{minutes}m]))',
+            "eval_time": f"{minutes}m"}
+
+
+def write_and_run(tmp: Path, tests: List[Dict], rule_dir: Path = RULES_DIR) -> subprocess.CompletedProcess:
+    """Write one promtool test file with ``tests`` (test groups) against the rule files in ``rule_dir``."""
+    doc = {
+        "rule_files": sorted(str(p) for p in rule_dir.glob("*.rules.yml")),
+        "evaluation_interval": "1m",
+        "tests": tests,
+    }
+    path = tmp / "rules_test.yml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False, width=10_000))
+    return subprocess.run([binary("promtool"), "test", "rules", str(path)], capture_output=True, text=True)
+
+
+def generated_rules(tmp: Path, thresholds: Path = THRESHOLDS) -> Path:
+    out = tmp / "rules"
+    rules.write(thresholds, out)
+    return out
+
+
+def alerts_fired(tmp: Path, name: str, series: Series, labels: Dict[str, str], minutes: int,
+                 rule_dir: Path = RULES_DIR) -> List[Dict[str, str]]:
+    """Which alerts the rules fire on ``series`` over ``minutes``: promtool shows the set when told it is empty."""
+    test = {"name": name, "interval": "1m", "input_series": input_series(series, labels),
+            "promql_expr_test": [dict(fired(name, minutes), exp_samples=[])]}
+    result = write_and_run(tmp, [test], rule_dir)
+    if result.returncode == 0:
+        return []
+    got = re.search(r"got:(.*)", result.stdout + result.stderr, re.S)
+    if got is None or "FAILED" not in result.stdout + result.stderr:
+        raise AssertionError(result.stdout + result.stderr)
+    return [dict(re.findall(r'(\w+)="([^"]*)"', item)) for item in re.findall(r"\{[^}]*\}", got.group(1))]
