@@ -226,8 +226,6 @@ def alerting_rules(t: Thresholds) -> List[Dict[str, Any]]:
         ("TrainingDiverging", f"""
             run:training_loss:relative_slope > {_num(t.number(dv + "relative_slope"))}
             and
-            run:training_loss:smoothed > {_num(1 + t.number(dv + "min_rise"))} * min_over_time(run:training_loss:smoothed[{trend}])
-            and
             run:training_loss:change_per_step > 0""",
          t.duration(dv + "for"),
          "Training loss trends upward.",

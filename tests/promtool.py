@@ -103,3 +103,48 @@ def alerts_fired(tmp: Path, name: str, series: Series, labels: Dict[str, str], m
     if got is None or "FAILED" not in result.stdout + result.stderr:
         raise AssertionError(result.stdout + result.stderr)
     return [dict(re.findall(r'(\w+)="([^"]*)"', item)) for item in re.findall(r"\{[^}]*\}", got.group(1))]
+
+
+def synthetic(minutes: int, loss=lambda step: 1.0, *, steps_per_minute: int = 60, grad_norm=lambda step: 1.0,
+              val=None, eval_every: int = 10) -> Series:
+    """A run sampled once a minute for ``minutes`` scrapes: ``loss(step)`` and ``grad_norm(step)`` per step,
+    ``val(minute)`` evaluated every ``eval_every`` minutes (None: no evaluations)."""
+    out: Series = {k: [] for k in (
+        "training_step", "training_step_loss_sum", "training_step_loss_count",
+        "training_step_duration_seconds_count", 'training_loss{split="train"}', "training_loss_recent_max",
+        "training_grad_norm", "training_grad_norm_recent_max", "training_loss_nonfinite_total",
+        "training_grad_nonfinite_total", "training_scaler_skipped_steps_total",
+        "training_last_step_timestamp_seconds")}
+    if val is not None:
+        out['training_loss{split="val"}'] = []
+        out['training_eval_timestamp_seconds{split="val"}'] = []
+    total, step, last_val, last_eval = 0.0, 0, None, None
+    for minute in range(minutes):
+        losses = [loss(s) for s in range(step, step + steps_per_minute)]
+        norms = [grad_norm(s) for s in range(step, step + steps_per_minute)]
+        step += steps_per_minute
+        total += sum(losses)
+        out["training_step"].append(step)
+        out["training_step_loss_sum"].append(total)
+        out["training_step_loss_count"].append(step)
+        out["training_step_duration_seconds_count"].append(step)
+        out['training_loss{split="train"}'].append(losses[-1])
+        out["training_loss_recent_max"].append(max(losses))
+        out["training_grad_norm"].append(norms[-1])
+        out["training_grad_norm_recent_max"].append(max(norms))
+        for counter in ("training_loss_nonfinite_total", "training_grad_nonfinite_total",
+                        "training_scaler_skipped_steps_total"):
+            out[counter].append(0)
+        out["training_last_step_timestamp_seconds"].append(minute * 60)
+        if val is not None:
+            if minute > 0 and minute % eval_every == 0:
+                last_val, last_eval = val(minute), minute * 60
+            out['training_loss{split="val"}'].append(last_val)
+            out['training_eval_timestamp_seconds{split="val"}'].append(last_eval)
+    out.update(process_series(minutes))
+    return out
+
+
+def alert_test(eval_minute: int, alertname: str, *expected: Dict) -> Dict:
+    """An alert_rule_test at ``eval_minute``: ``expected`` are dicts of exp_labels/exp_annotations."""
+    return {"eval_time": f"{eval_minute}m", "alertname": alertname, "exp_alerts": list(expected)}

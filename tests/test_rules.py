@@ -1,0 +1,232 @@
+"""The generated rules: up to date, valid, and right on real recorded runs and on hand-built pathologies.
+
+Every alert has a case where it fires with exact labels and annotations, a case where it has not fired yet
+(before its `for:`), and the quiet cases of the issue produce no warning or critical alert.
+"""
+import math
+import re
+import subprocess
+
+import pytest
+import yaml
+
+from exporter import rules
+from exporter.__main__ import main as cli
+from exporter.metrics import sample_names
+from exporter.stack import binary
+from promtool import (RULES_DIR, THRESHOLDS, alert_test, alerts_fired, input_series, load_recorded, synthetic,
+                      write_and_run)
+
+RUN = {"job": "training", "instance": "node-1:9945", "run": "r1", "rank": "0"}
+CONTRACT_ALERTS = {"TrainingLossNotFinite": "critical", "TrainingGradientExplosion": "warning",
+                   "TrainingLossSpike": "warning", "TrainingDiverging": "critical", "TrainingOverfitting": "warning",
+                   "TrainingPlateau": "info", "TrainingHung": "critical", "TrainingTargetDown": "warning"}
+
+
+def labels(alertname, **extra):
+    return {"severity": rules.SEVERITY[alertname] if alertname != "TrainingPlateau" else "info",
+            "job": "training", "run": "r1", **extra}
+
+
+def annotations(alertname, description):
+    summary = next(r for r in _alerts() if r["alert"] == alertname)["annotations"]["summary"]
+    return {"summary": summary, "description": description,
+            "runbook_url": f"deploy/runbook.md#alert-name-{alertname.lower()}"}
+
+
+def _alerts():
+    doc = yaml.safe_load((RULES_DIR / rules.ALERTS_FILE).read_text())
+    return doc["groups"][0]["rules"]
+
+
+def run_group(tmp_path, name, series, tests, run_labels=RUN):
+    group = {"name": name, "interval": "1m", "input_series": input_series(series, run_labels),
+             "alert_rule_test": tests}
+    result = write_and_run(tmp_path, [group])
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def severe(fired):
+    return sorted(a["alertname"] for a in fired if a["severity"] != "info")
+
+
+# ---------------------------------------------------------------------------------------------- the files
+def test_committed_rules_equal_generated(tmp_path):
+    rendered = rules.render(rules.Thresholds.load(THRESHOLDS))
+    for name, text in rendered.items():
+        assert (RULES_DIR / name).read_text() == text, f"{name} is stale: run `make rules`"
+    assert sorted(p.name for p in RULES_DIR.glob("*.yml")) == sorted(rendered)
+
+
+def test_cli_generates_the_rule_files(tmp_path, capsys):
+    assert cli(["rules", "--thresholds", str(THRESHOLDS), "--out", str(tmp_path)]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([rules.ALERTS_FILE, rules.RECORDING_FILE])
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_promtool_check_rules_is_clean():
+    files = sorted(str(p) for p in RULES_DIR.glob("*.yml"))
+    result = subprocess.run([binary("promtool"), "check", "rules", *files], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "WARNING" not in result.stdout + result.stderr
+
+
+def test_every_contract_alert_is_defined_with_severity_and_annotations():
+    defined = {r["alert"]: r for r in _alerts()}
+    for name, severity in CONTRACT_ALERTS.items():
+        rule = defined[name]
+        assert rule["labels"]["severity"] == severity
+        assert set(rule["annotations"]) == {"summary", "description", "runbook_url"}
+        assert "{{ $labels.run }}" in rule["annotations"]["description"]
+        assert "$value" in rule["annotations"]["description"]
+        assert rule["for"], name
+
+
+def test_rules_read_only_defined_metrics():
+    recorded = {r["record"] for r in rules.recording_rules(rules.Thresholds.load(THRESHOLDS))}
+    known = sample_names() | recorded | {"up"}
+    for path in RULES_DIR.glob("*.yml"):
+        for group in yaml.safe_load(path.read_text())["groups"]:
+            for rule in group["rules"]:
+                for name in re.findall(r"[a-z_:]*training_[a-z_:]*", rule["expr"]):
+                    assert name in known, (rule.get("alert") or rule.get("record"), name)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda d: d["windows"].pop("trend"), "missing key 'windows.trend'"),
+    (lambda d: d["windows"].update(trend="30 minutes"), "windows.trend: '30 minutes' is not a Prometheus duration"),
+    (lambda d: d["alerts"]["TrainingLossSpike"].update(factor=-1), "factor must be a positive number"),
+    (lambda d: d.update(selector=""), "selector must be a non-empty string"),
+])
+def test_bad_thresholds_are_named(tmp_path, change, message):
+    data = yaml.safe_load(THRESHOLDS.read_text())
+    change(data)
+    path = tmp_path / "thresholds.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(rules.ThresholdsError, match=re.escape(message)):
+        rules.write(path, tmp_path / "out")
+    assert cli(["rules", "--thresholds", str(path), "--out", str(tmp_path / "out")]) == 2
+
+
+def test_durations():
+    assert rules.duration_seconds("90s") == 90
+    assert rules.duration_seconds("1h30m") == 5400
+    assert rules.duration_seconds("250ms") == 0.25
+    for bad in ("", "10", "1.5h", "m"):
+        with pytest.raises(ValueError):
+            rules.duration_seconds(bad)
+
+
+# ------------------------------------------------------------------------------ real recorded training runs
+@pytest.mark.parametrize("scenario, expected", [
+    ("healthy", []),
+    ("noisy", []),
+    ("cosine", []),
+    ("stepdecay", []),
+    ("overfit", ["TrainingOverfitting"]),
+    ("spike", ["TrainingLossSpike"]),
+    ("explode", ["TrainingGradientExplosion"]),
+    # A loss that climbs without bound also spikes and blows up its gradients: all three are true.
+    ("diverge", ["TrainingDiverging", "TrainingGradientExplosion", "TrainingLossSpike"]),
+    ("nan", ["TrainingLossNotFinite"]),
+    ("plateau", ["TrainingPlateau"]),
+])
+def test_recorded_run_raises_exactly_its_alerts(tmp_path, scenario, expected):
+    series = load_recorded(scenario)
+    minutes = len(series["training_step"]) - 1
+    fired = alerts_fired(tmp_path, scenario, series, dict(RUN, run=scenario), minutes)
+    assert sorted(a["alertname"] for a in fired) == sorted(expected)
+    for alert in fired:
+        assert alert["run"] == scenario
+        assert alert["severity"] == CONTRACT_ALERTS[alert["alertname"]]
+
+
+# ------------------------------------------------------------------------- each alert, built by hand
+def test_nan_between_two_scrapes_fires_at_once(tmp_path):
+    series = synthetic(40)
+    series["training_loss_nonfinite_total"] = [0] * 20 + [1] * 20  # one NaN step, the next steps are fine
+    fires = labels("TrainingLossNotFinite"), annotations(
+        "TrainingLossNotFinite", "Run r1 had 1 steps with a NaN/Inf loss or gradients (or skipped by its gradient "
+        "scaler, more than 50% of steps) in the last 5m.")
+    run_group(tmp_path, "nan", series, [
+        alert_test(19, "TrainingLossNotFinite"),
+        alert_test(20, "TrainingLossNotFinite", {"exp_labels": fires[0], "exp_annotations": fires[1]}),
+        alert_test(26, "TrainingLossNotFinite"),  # the window has passed
+    ])
+
+
+def test_gradient_scaler_occasional_skips_are_quiet_persistent_skips_fire(tmp_path):
+    occasional = synthetic(60)
+    occasional["training_scaler_skipped_steps_total"] = [m // 10 for m in range(60)]
+    run_group(tmp_path, "scaler-occasional", occasional,
+              [alert_test(m, "TrainingLossNotFinite") for m in range(5, 60, 5)])
+    persistent = synthetic(60)
+    persistent["training_scaler_skipped_steps_total"] = [0] * 30 + [60 * (m - 29) for m in range(30, 60)]
+    fires = labels("TrainingLossNotFinite"), annotations(
+        "TrainingLossNotFinite", "Run r1 had 300 steps with a NaN/Inf loss or gradients (or skipped by its gradient "
+        "scaler, more than 50% of steps) in the last 5m.")
+    run_group(tmp_path, "scaler-persistent", persistent, [
+        alert_test(29, "TrainingLossNotFinite"),
+        alert_test(40, "TrainingLossNotFinite", {"exp_labels": fires[0], "exp_annotations": fires[1]}),
+    ])
+
+
+def test_gradient_explosion_fires_after_its_for(tmp_path):
+    series = synthetic(60, grad_norm=lambda s: 1.0 if s < 40 * 60 else 50.0)
+    fires = labels("TrainingGradientExplosion"), annotations(
+        "TrainingGradientExplosion", "Run r1: gradient norm 50, more than 10x its median over the last 30m or above "
+        "the ceiling 10000.")
+    run_group(tmp_path, "explosion", series, [
+        alert_test(42, "TrainingGradientExplosion"),  # pending
+        alert_test(45, "TrainingGradientExplosion", {"exp_labels": fires[0], "exp_annotations": fires[1]}),
+    ])
+
+
+def test_one_noisy_gradient_step_is_not_an_explosion(tmp_path):
+    series = synthetic(60, grad_norm=lambda s: 80.0 if s == 30 * 60 + 59 else 1.0)
+    assert max(series["training_grad_norm"]) == 80.0
+    run_group(tmp_path, "grad-noise", series, [alert_test(m, "TrainingGradientExplosion") for m in range(25, 60, 2)])
+
+
+def test_gradient_ceiling_fires_on_one_step(tmp_path):
+    series = synthetic(30, grad_norm=lambda s: 2e4 if s == 20 * 60 + 10 else 1.0)
+    fires = labels("TrainingGradientExplosion"), annotations(
+        "TrainingGradientExplosion", "Run r1: gradient norm 20k, more than 10x its median over the last 30m or "
+        "above the ceiling 10000.")
+    run_group(tmp_path, "ceiling", series, [
+        alert_test(20, "TrainingGradientExplosion"),
+        alert_test(21, "TrainingGradientExplosion"),  # the recent maximum drops with the next scrape
+    ])
+    # The exporter keeps the maximum for max_window seconds (60 by default), two scrapes at 30s: it fires
+    # once the maximum outlives the `for:`.
+    series["training_grad_norm_recent_max"] = [2e4 if 20 <= m < 24 else 1.0 for m in range(30)]
+    run_group(tmp_path, "ceiling-held", series, [
+        alert_test(23, "TrainingGradientExplosion", {"exp_labels": fires[0], "exp_annotations": fires[1]}),
+    ])
+
+
+def test_loss_spike_of_one_step_fires_and_clears(tmp_path):
+    series = synthetic(60, loss=lambda s: 50.0 if s == 30 * 60 + 7 else 1.0)
+    fires = labels("TrainingLossSpike"), annotations(
+        "TrainingLossSpike", "Run r1: a step's train loss reached 50x the run's usual windowed maximum (threshold "
+        "3x) in the last 10m.")
+    run_group(tmp_path, "spike", series, [
+        alert_test(30, "TrainingLossSpike"),  # the alert reads the recording rules' previous evaluation
+        alert_test(31, "TrainingLossSpike", {"exp_labels": fires[0], "exp_annotations": fires[1]}),
+        alert_test(45, "TrainingLossSpike"),
+    ])
+
+
+def _diverging(steps_per_minute, rate):
+    """Flat for 600 steps, then growing by ``rate`` per step: one curve over steps, sampled at any speed."""
+    return synthetic(180, loss=lambda s: 1.0 if s < 600 else (1 + rate) ** (s - 600),
+                     steps_per_minute=steps_per_minute)
+
+
+@pytest.mark.parametrize("steps_per_minute", [10, 600])
+def test_divergence_verdict_does_not_depend_on_speed(tmp_path, steps_per_minute):
+    """The same curve over steps gives the same verdict at 10 steps a minute or 600."""
+    rising = alerts_fired(tmp_path, "rising", _diverging(steps_per_minute, 2e-4), RUN, 179)
+    assert "TrainingDiverging" in severe(rising)
+    slow = alerts_fired(tmp_path, "slow", _diverging(steps_per_minute, 2e-5), RUN, 179)
+    assert "TrainingDiverging" not in severe(slow)
