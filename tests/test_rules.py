@@ -211,8 +211,10 @@ def test_loss_spike_of_one_step_fires_and_clears(tmp_path):
         "TrainingLossSpike", "Run r1: a step's train loss reached 50x the run's usual windowed maximum (threshold "
         "3x) in the last 10m.")
     run_group(tmp_path, "spike", series, [
-        alert_test(30, "TrainingLossSpike"),  # the alert reads the recording rules' previous evaluation
-        alert_test(31, "TrainingLossSpike", {"exp_labels": fires[0], "exp_annotations": fires[1]}),
+        alert_test(29, "TrainingLossSpike"),
+        # promtool, like Prometheus, evaluates the recording and alerting groups independently: the alert may
+        # see the spike one evaluation later.
+        alert_test(32, "TrainingLossSpike", {"exp_labels": fires[0], "exp_annotations": fires[1]}),
         alert_test(45, "TrainingLossSpike"),
     ])
 
@@ -230,3 +232,165 @@ def test_divergence_verdict_does_not_depend_on_speed(tmp_path, steps_per_minute)
     assert "TrainingDiverging" in severe(rising)
     slow = alerts_fired(tmp_path, "slow", _diverging(steps_per_minute, 2e-5), RUN, 179)
     assert "TrainingDiverging" not in severe(slow)
+
+
+def test_divergence_fires_after_its_for_with_value(tmp_path):
+    series = synthetic(120, loss=lambda s: 1.0 if s < 60 * 60 else 1.0005 ** (s - 60 * 60))
+    fires = labels("TrainingDiverging"), annotations(
+        "TrainingDiverging", "Run r1: the smoothed train loss rises by 0.07128% per step (relative), over 30m.")
+    run_group(tmp_path, "diverging", series, [
+        alert_test(70, "TrainingDiverging"),  # rising, but not for 15m yet
+        alert_test(90, "TrainingDiverging", {"exp_labels": fires[0], "exp_annotations": fires[1]}),
+    ])
+
+
+def _epochs(val_losses, minutes_per_epoch=40, train=lambda s: 2.0 * math.exp(-s / 4000) + 0.5):
+    """Evaluations once an epoch (tens of minutes apart), with a falling train loss."""
+    epochs = len(val_losses)
+    return synthetic(epochs * minutes_per_epoch + 30, loss=train, val=lambda m: val_losses[m // minutes_per_epoch - 1],
+                     eval_every=minutes_per_epoch)
+
+
+def test_overfitting_with_one_evaluation_an_epoch(tmp_path):
+    series = _epochs([1.5, 1.2, 1.1, 1.15, 1.3, 1.45])  # best at epoch 3; epoch 5 (200m) is 18% worse, 6th 32%
+    fires = labels("TrainingOverfitting", split="val"), annotations(
+        "TrainingOverfitting", "Run r1: val loss 1.45 is more than 25% above its best of the last 6h while the train "
+        "loss stays at its best; the generalization gap widens.")
+    run_group(tmp_path, "overfitting", series, [
+        alert_test(205, "TrainingOverfitting"),  # 18% above the best: within noise
+        alert_test(245, "TrainingOverfitting"),  # 32% above, but not for 15m yet
+        alert_test(256, "TrainingOverfitting", {"exp_labels": fires[0], "exp_annotations": fires[1]}),
+    ])
+
+
+def test_noisy_evaluations_while_improving_are_not_overfitting(tmp_path):
+    series = _epochs([1.5, 1.2, 1.3, 1.05, 1.15, 0.95, 1.1, 0.9])
+    assert severe(alerts_fired(tmp_path, "val-noise", series, RUN, len(series["training_step"]) - 1)) == []
+
+
+def test_plateau_is_info_and_waits_for_min_age(tmp_path):
+    series = synthetic(150, loss=lambda s: max(0.5, 2.0 - s / 1200), val=lambda m: 0.6)
+    fires = labels("TrainingPlateau"), annotations(
+        "TrainingPlateau", "Run r1: the best smoothed train loss improved by 0% per step over the last 30m and "
+        "the val loss is not improving.")
+    run_group(tmp_path, "plateau", series, [
+        alert_test(85, "TrainingPlateau"),  # flat since minute 30, but the run is young and `for:` runs
+        alert_test(100, "TrainingPlateau", {"exp_labels": fires[0], "exp_annotations": fires[1]}),
+    ])
+
+
+def test_plateau_is_quiet_while_val_improves(tmp_path):
+    series = synthetic(150, loss=lambda s: max(0.5, 2.0 - s / 1200), val=lambda m: 2.0 - m / 100)
+    assert alerts_fired(tmp_path, "val-improves", series, RUN, 149) == []
+
+
+def test_slow_progress_is_info(tmp_path):
+    series = synthetic(240, loss=lambda s: 2.0 * math.exp(-s * 7e-5))  # -7% per 1000 steps
+    fired = alerts_fired(tmp_path, "slow", series, RUN, 239)
+    assert [(a["alertname"], a["severity"]) for a in fired] == [("TrainingLossDecreasingSlowly", "info")]
+
+
+def _hang(minutes, hang_at, status_running=None):
+    series = synthetic(minutes)
+    series["training_last_step_timestamp_seconds"] = [min(m, hang_at) * 60 for m in range(minutes)]
+    for key in ("training_step", "training_step_loss_sum", "training_step_loss_count",
+                "training_step_duration_seconds_count"):
+        series[key] = [series[key][min(m, hang_at)] for m in range(minutes)]
+    if status_running is not None:
+        series['training_run_status{status="running"}'] = status_running
+    return series
+
+
+def test_hung_job_fires_after_threshold_and_for(tmp_path):
+    fires = labels("TrainingHung"), annotations(
+        "TrainingHung", "Run r1 made no step for 18m 0s and has not reported that it ended.")
+    run_group(tmp_path, "hung", _hang(90, 40), [
+        alert_test(57, "TrainingHung"),  # 17m without a step, `for:` not over
+        alert_test(58, "TrainingHung", {"exp_labels": fires[0], "exp_annotations": fires[1]}),
+    ])
+
+
+def test_finished_job_is_not_hung(tmp_path):
+    series = _hang(90, 40, status_running=[1] * 41 + [0] * 49)
+    assert alerts_fired(tmp_path, "finished", series, RUN, 89) == []
+
+
+def test_evaluations_longer_together_than_the_threshold_are_not_a_hang(tmp_path):
+    """Steps pause at minute 40 for evaluations of four splits, 10 minutes each, and resume at minute 85."""
+    series = synthetic(100)
+    frozen = {m: 40 for m in range(40, 85)}
+    for key in ("training_step", "training_step_loss_sum", "training_step_loss_count",
+                "training_step_duration_seconds_count", "training_last_step_timestamp_seconds"):
+        series[key] = [series[key][frozen.get(m, m)] for m in range(100)]
+    for i, split in enumerate(("val", "test", "val_ood", "test_ood")):
+        done = 50 + 10 * i
+        series[f'training_eval_timestamp_seconds{{split="{split}"}}'] = [None] * done + [done * 60] * (100 - done)
+    assert severe(alerts_fired(tmp_path, "evals", series, RUN, 99)) == []
+    # Without the evaluations' timestamps the same pause is a hang: the test above is not vacuous.
+    for split in ("val", "test", "val_ood", "test_ood"):
+        del series[f'training_eval_timestamp_seconds{{split="{split}"}}']
+    assert "TrainingHung" in severe(alerts_fired(tmp_path, "no-evals", series, RUN, 99))
+
+
+def _killed(minutes, dies_at, closed_at=None):
+    series = synthetic(minutes)
+    for key, values in series.items():
+        if key != "up":
+            series[key] = values[:dies_at] + [None] * (minutes - dies_at)
+    series["up"] = [1] * dies_at + [0] * (minutes - dies_at)
+    if closed_at is not None:
+        series['training_run_status{status="running"}'][closed_at:dies_at] = [0] * (dies_at - closed_at)
+    return series
+
+
+def test_killed_process_is_target_down_with_its_run(tmp_path):
+    fires = labels("TrainingTargetDown"), annotations(
+        "TrainingTargetDown", "Run r1: 1 exporter(s) whose last scrape said the run was running cannot be scraped "
+        "now: the process died or the network broke.")
+    run_group(tmp_path, "killed", _killed(60, 30), [
+        alert_test(34, "TrainingTargetDown"),
+        alert_test(36, "TrainingTargetDown", {"exp_labels": fires[0], "exp_annotations": fires[1]}),
+    ])
+
+
+def test_finished_process_that_exits_is_not_target_down(tmp_path):
+    assert alerts_fired(tmp_path, "exited", _killed(60, 30, closed_at=28), RUN, 59) == []
+
+
+def test_64_ranks_raise_one_alert_per_run(tmp_path):
+    tests = []
+    for rank in range(64):
+        series = synthetic(30)
+        series["training_loss_nonfinite_total"] = [0] * 20 + [1] * 10
+        group_labels = dict(RUN, rank=str(rank), instance=f"node-{rank // 8}:{9945 + rank % 8}")
+        tests += input_series(series, group_labels)
+    fires = labels("TrainingLossNotFinite"), annotations(
+        "TrainingLossNotFinite", "Run r1 had 64 steps with a NaN/Inf loss or gradients (or skipped by its gradient "
+        "scaler, more than 50% of steps) in the last 5m.")
+    group = {"name": "64 ranks", "interval": "1m", "input_series": tests, "alert_rule_test": [
+        alert_test(22, "TrainingLossNotFinite", {"exp_labels": fires[0], "exp_annotations": fires[1]})]}
+    result = write_and_run(tmp_path, [group])
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_resumed_job_whose_step_jumps_is_quiet(tmp_path):
+    """The process restarts from a checkpoint: its counters reset, the global step jumps ahead."""
+    series = synthetic(240, loss=lambda s: 2.0 * math.exp(-s / 3000) + 0.2)
+    restart = 120
+    for key in ("training_step_loss_sum", "training_step_loss_count", "training_step_duration_seconds_count"):
+        base = series[key][restart - 1]
+        series[key] = series[key][:restart] + [None] * 3 + [v - base for v in series[key][restart + 3:]]
+    series["training_step"] = series["training_step"][:restart] + [None] * 3 + [
+        v + 50_000 for v in series["training_step"][restart + 3:]]
+    series["training_run_start_timestamp_seconds"] = [0] * restart + [(restart + 3) * 60] * (240 - restart)
+    assert severe(alerts_fired(tmp_path, "resumed", series, RUN, 239)) == []
+
+
+def test_warmup_and_warm_restarts_are_quiet(tmp_path):
+    def loss(s):
+        if s < 600:  # warmup: the loss wobbles up before it falls
+            return 2.0 + 0.3 * math.sin(s / 100)
+        cycle = (s - 600) % 3600  # cosine with warm restarts every hour: the loss jumps back up 30%, then falls
+        return (1.0 + 0.3 * (1 - cycle / 3600)) * math.exp(-(s - 600) / 20000)
+    series = synthetic(240, loss=loss)
+    assert severe(alerts_fired(tmp_path, "restarts", series, RUN, 239)) == []
