@@ -11,7 +11,8 @@ def _demo(args: argparse.Namespace) -> int:
     from . import demo
 
     return demo.main(args.scenario, steps=args.steps, step_time=args.step_time, eval_every=args.eval_every,
-                     run=args.run, port=args.port, addr=args.addr, linger=args.linger)
+                     run=args.run, port=args.port, addr=args.addr, linger=args.linger,
+                     max_window=args.max_window)
 
 
 def _rules(args: argparse.Namespace) -> int:
@@ -49,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--addr", help="address to bind (default 0.0.0.0 or TRAINING_EXPORTER_ADDR)")
     demo.add_argument("--linger", type=float, default=0.0,
                       help="seconds to keep serving after the run ended, so Prometheus scrapes the end")
+    demo.add_argument("--max-window", type=float, default=60.0,
+                      help="seconds the exporter keeps a step's maximum loss and gradient norm (default 60)")
     demo.set_defaults(func=_demo)
 
     rules = sub.add_parser("rules", help="generate the Prometheus recording and alerting rules from a thresholds file")

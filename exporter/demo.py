@@ -107,12 +107,13 @@ def train(exp: TrainingExporter, scenario: Scenario, *, steps: int, step_time: f
         else:
             x, y = sample(scenario.batch_size)
         fault = scenario.fault if step >= fault_step else None
+        if fault and step == fault_step:
+            # The end-to-end tests measure detection delay from this line.
+            _report(progress, f"step {step}: fault {fault!r} injected at unix time {time.time():.3f}")
         if fault == "hang":
-            _report(progress, f"step {step}: data loader blocked (injected hang)")
-            while True:
+            while True:  # a data loader that never returns
                 time.sleep(3600)
         if fault == "crash":
-            _report(progress, f"step {step}: process dies (injected crash)")
             sys.stdout.flush()
             os._exit(3)
         if fault == "spike" and step == fault_step:
@@ -158,12 +159,12 @@ def _report(progress: Optional[Callable[[str], None]], line: str) -> None:
 
 def main(scenario: str = "healthy", *, steps: int = 1200, step_time: float = 0.05, eval_every: int = 50,
          run: Optional[str] = None, port: Optional[int] = None, addr: Optional[str] = None,
-         linger: float = 0.0) -> int:
+         linger: float = 0.0, max_window: float = 60.0) -> int:
     """Run one demo training and keep serving ``linger`` seconds after it ended so a scrape sees the end."""
     spec = SCENARIOS[scenario]
     run = run or f"demo-{scenario}"
     config = {"scenario": scenario, "lr": spec.lr, "batch_size": spec.batch_size, "schedule": spec.schedule}
-    with TrainingExporter(run=run, port=port, addr=addr, config=config) as exp:
+    with TrainingExporter(run=run, port=port, addr=addr, config=config, max_window=max_window) as exp:
         print(f"run {run!r} ({spec.description}): {steps} steps, metrics on http://{_host(exp.addr)}:{exp.port}/metrics",
               flush=True)
         train(exp, spec, steps=steps, step_time=step_time, eval_every=eval_every,

@@ -56,11 +56,17 @@ class Thresholds:
 
     @classmethod
     def load(cls, path: Path) -> "Thresholds":
+        """Read a thresholds file; one with ``extends: OTHER`` overrides only the keys it lists of OTHER
+        (a path relative to it)."""
+        path = Path(path)
         with open(path) as f:
             try:
                 data = yaml.safe_load(f)
             except yaml.YAMLError as exc:
                 raise ThresholdsError(f"{path}: not valid YAML: {exc}") from None
+        if isinstance(data, Mapping) and "extends" in data:
+            base = cls.load(path.parent / data["extends"]).data
+            data = _merge(base, {k: v for k, v in data.items() if k != "extends"})
         return cls(data, str(path))
 
     def get(self, key: str) -> Any:
@@ -93,6 +99,16 @@ class Thresholds:
         if not isinstance(value, str) or not value:
             raise ThresholdsError(f"{self.source}: {key} must be a non-empty string, got {value!r}")
         return value
+
+
+def _merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> Dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(base.get(key), Mapping):
+            merged[key] = _merge(base[key], value)
+        else:
+            merged[key] = value
+    return merged
 
 
 def _num(x: float) -> str:
