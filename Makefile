@@ -31,7 +31,7 @@ servers:
 	fi
 
 demo: venv servers
-	$(PY) -m exporter demo
+	$(PY) -m exporter stack
 
 test: venv servers
 	$(PY) -m pytest -q

@@ -30,6 +30,14 @@ def _rules(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stack(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from . import showcase
+
+    return showcase.main(duration=args.duration, workdir=Path(args.workdir), steps=args.steps)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .demo import SCENARIOS
 
@@ -53,6 +61,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--max-window", type=float, default=60.0,
                       help="seconds the exporter keeps a step's maximum loss and gradient norm (default 60)")
     demo.set_defaults(func=_demo)
+
+    stack = sub.add_parser("stack", help="the local demo: Prometheus, Alertmanager and a training run per pathology",
+                           description="Start Prometheus, Alertmanager and Pushgateway on loopback with the "
+                                       "repository's configuration (demo-speed thresholds), run a healthy training "
+                                       "run and one per pathology side by side, and print the alerts as they "
+                                       "arrive and a summary. With a terminal and no --duration it keeps the "
+                                       "stack up until Ctrl-C; otherwise it ends by itself.")
+    stack.add_argument("--duration", type=float, help="end after this many seconds at most (default: when every "
+                                                      "expected alert arrived, at most 600 s)")
+    stack.add_argument("--workdir", default=".demo", help="folder for every file the demo writes (default .demo)")
+    stack.add_argument("--steps", type=int, default=2400, help="steps of each training run (default 2400)")
+    stack.set_defaults(func=_stack)
 
     rules = sub.add_parser("rules", help="generate the Prometheus recording and alerting rules from a thresholds file")
     rules.add_argument("--thresholds", required=True, help="thresholds YAML (deploy/prometheus/thresholds.yaml)")

@@ -205,9 +205,9 @@ class WebhookReceiver:
 
 
 def prometheus_config(workdir: Path, targets: Sequence[str], rule_dir: Path, alertmanager: str, port: int,
-                      interval: str = "1s") -> Path:
+                      interval: str = "1s", extra_targets: Optional[Dict[str, List[str]]] = None) -> Path:
     """deploy/prometheus/prometheus.yml for a local stack: loopback targets, ``interval`` scrapes and
-    evaluations, the rules in ``rule_dir``."""
+    evaluations, the rules in ``rule_dir``; other jobs get the targets in ``extra_targets`` or are left out."""
     import yaml
 
     config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
@@ -216,12 +216,18 @@ def prometheus_config(workdir: Path, targets: Sequence[str], rule_dir: Path, ale
     config["alerting"]["alertmanagers"][0]["static_configs"][0]["targets"] = [alertmanager]
     (workdir / "targets").mkdir(parents=True, exist_ok=True)
     (workdir / "targets" / "training.json").write_text(json.dumps([{"targets": list(targets)}]))
+    extra = dict(extra_targets or {}, prometheus=[f"127.0.0.1:{port}"])
+    jobs = []
     for job in config["scrape_configs"]:
         job["scrape_interval"] = interval
         if job["job_name"] == "training":
             job["file_sd_configs"] = [{"files": [str(workdir / "targets" / "*.json")], "refresh_interval": "1s"}]
-        elif job["job_name"] == "prometheus":
-            job["static_configs"] = [{"targets": [f"127.0.0.1:{port}"]}]
+        elif job["job_name"] in extra:
+            job["static_configs"] = [{"targets": extra[job["job_name"]]}]
+        else:
+            continue
+        jobs.append(job)
+    config["scrape_configs"] = jobs
     path = workdir / "prometheus.yml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
@@ -265,7 +271,8 @@ class DemoRun:
              "--port", str(port), "--addr", "127.0.0.1", "--steps", str(steps), "--step-time", str(step_time),
              "--max-window", str(max_window), "--eval-every", str(eval_every), "--linger", str(linger)],
             stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            # One thread each: many small runs share few cores.
+            env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
 
     def fault_time(self) -> Optional[float]:
         """Unix time the run injected its fault, once it has."""
@@ -297,7 +304,8 @@ class LocalStack:
     """Prometheus and Alertmanager on loopback with the repository's configuration, rules generated from
     ``thresholds``, and a webhook receiver standing in for the notification channels."""
 
-    def __init__(self, workdir: Path, thresholds: Path, targets: Sequence[str], interval: str = "1s") -> None:
+    def __init__(self, workdir: Path, thresholds: Path, targets: Sequence[str], interval: str = "1s",
+                 extra_targets: Optional[Dict[str, List[str]]] = None) -> None:
         from .rules import write
 
         self.workdir = Path(workdir)
@@ -308,7 +316,7 @@ class LocalStack:
                                          self.workdir / "alertmanager")
         prom_port = free_port()
         config = prometheus_config(self.workdir / "prometheus", targets, rule_dir,
-                                   f"127.0.0.1:{self.alertmanager.port}", prom_port, interval)
+                                   f"127.0.0.1:{self.alertmanager.port}", prom_port, interval, extra_targets)
         self.prometheus = Prometheus(config, self.workdir / "prometheus", port=prom_port)
 
     def __enter__(self) -> "LocalStack":

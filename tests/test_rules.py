@@ -237,10 +237,11 @@ def test_divergence_verdict_does_not_depend_on_speed(tmp_path, steps_per_minute)
 def test_divergence_fires_after_its_for_with_value(tmp_path):
     series = synthetic(120, loss=lambda s: 1.0 if s < 60 * 60 else 1.0005 ** (s - 60 * 60))
     fires = labels("TrainingDiverging"), annotations(
-        "TrainingDiverging", "Run r1: the smoothed train loss rises by 0.07128% per step (relative), over 30m.")
+        "TrainingDiverging", "Run r1: the smoothed train loss rises by 0.08106% per step (relative), over 30m.")
+    # (1.0005^1800 - 1) / 1800 = 0.08106% once both ends of the trend window are past the knee at 60m.
     run_group(tmp_path, "diverging", series, [
         alert_test(70, "TrainingDiverging"),  # rising, but not for 15m yet
-        alert_test(90, "TrainingDiverging", {"exp_labels": fires[0], "exp_annotations": fires[1]}),
+        alert_test(100, "TrainingDiverging", {"exp_labels": fires[0], "exp_annotations": fires[1]}),
     ])
 
 

@@ -1,0 +1,78 @@
+"""End to end, as `make demo` runs it: every contract alert from a real training run, through real Prometheus
+and Alertmanager to a webhook, for the right run only; healthy runs raise nothing."""
+import pytest
+
+from exporter.showcase import ALSO_TRUE, EXPECTED, Showcase
+
+pytestmark = pytest.mark.e2e
+QUIET = ("healthy", "noisy", "cosine", "stepdecay")
+
+
+@pytest.fixture(scope="module")
+def showcase(tmp_path_factory):
+    import time
+
+    show = Showcase(workdir=tmp_path_factory.mktemp("showcase"),
+                    scenarios=[s for s in EXPECTED if s != "healthy"] + list(QUIET), finishing=("healthy",))
+    try:
+        show.start()
+        deadline = time.time() + 420
+        while time.time() < deadline and not show.finished():
+            show.poll()
+            time.sleep(0.5)
+        time.sleep(5)  # a late alert on a quiet run would show now
+        show.poll()
+        yield show
+    finally:
+        show.stop()
+        print("\n" + show.summary())
+
+
+def test_every_pathology_raises_its_alert(showcase):
+    assert showcase.missing() == [], showcase.summary()
+
+
+@pytest.mark.parametrize("scenario", [s for s, alert in EXPECTED.items() if alert])
+def test_alert_for_the_right_run_only(showcase, scenario):
+    run = next(r for r in showcase.runs if r.scenario == scenario)
+    fired = set(showcase.fired(run))
+    assert EXPECTED[scenario] in fired
+    assert fired <= {EXPECTED[scenario]} | ALSO_TRUE.get(scenario, set()), fired
+    # Delivered to the webhook, unless routed to the quiet receiver (info).
+    delivered = {a["labels"]["alertname"] for a in showcase.stack.webhook.alerts(run=run.run)}
+    if showcase.fired(run)[EXPECTED[scenario]].severity == "info":
+        assert delivered == set()
+    else:
+        assert EXPECTED[scenario] in delivered
+
+
+@pytest.mark.parametrize("run_name", [f"demo-{s}" for s in QUIET] + ["demo-healthy-finished"])
+def test_healthy_runs_raise_nothing(showcase, run_name):
+    run = next(r for r in showcase.runs if r.run == run_name)
+    assert showcase.fired(run) == {}
+    assert showcase.stack.webhook.alerts(run=run_name) == []
+
+
+def test_finished_run_exited_without_hung_or_target_down(showcase):
+    run = next(r for r in showcase.runs if r.run == "demo-healthy-finished")
+    assert run.proc.poll() == 0, run.log_tail()
+    status = showcase.stack.prometheus.query(
+        'last_over_time(training_run_status{run="demo-healthy-finished",status="completed"}[10m])')
+    assert [r["value"] for r in status] == [1.0]
+
+
+def test_killed_process_is_target_down_naming_its_run(showcase):
+    alerts = showcase.stack.webhook.alerts(alertname="TrainingTargetDown")
+    assert {a["labels"]["run"] for a in alerts} == {"demo-crash"}
+
+
+def test_detection_delay_table(showcase, capsys):
+    rows = []
+    for run in showcase.runs:
+        for name, arrival in sorted(showcase.fired(run).items()):
+            rows.append((name, run.run, "fault" if run.fault_time() else "start", showcase.delay(run, arrival)))
+    with capsys.disabled():
+        print("\n| alert | run | delay from | seconds |\n| --- | --- | --- | --- |")
+        for name, run, origin, delay in sorted(rows):
+            print(f"| {name} | {run} | {origin} | {delay:.1f} |")
+    assert all(delay > 0 for *_, delay in rows)
