@@ -7,7 +7,7 @@ TORCH  ?= torch==2.13.0
 SERVER_BINS := prometheus promtool prometheus-alertmanager amtool prometheus-pushgateway
 SERVER_PKGS := prometheus prometheus-alertmanager prometheus-pushgateway
 
-.PHONY: demo test venv servers rules clean
+.PHONY: demo test venv servers rules dashboards clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -38,6 +38,9 @@ test: venv servers
 
 rules: venv
 	$(PY) -m exporter rules --thresholds deploy/prometheus/thresholds.yaml --out deploy/prometheus/rules
+
+dashboards: venv
+	$(PY) -m exporter dashboards --thresholds deploy/prometheus/thresholds.yaml --out grafana/dashboards
 
 clean:
 	rm -rf $(VENV) .demo

@@ -38,6 +38,16 @@ def _stack(args: argparse.Namespace) -> int:
     return showcase.main(duration=args.duration, workdir=Path(args.workdir), steps=args.steps)
 
 
+def _dashboards(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .dashboards import write
+
+    for path in write(Path(args.thresholds), Path(args.out)):
+        print(f"wrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .demo import SCENARIOS
 
@@ -78,6 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
     rules.add_argument("--thresholds", required=True, help="thresholds YAML (deploy/prometheus/thresholds.yaml)")
     rules.add_argument("--out", required=True, help="folder to write the rule files into")
     rules.set_defaults(func=_rules)
+
+    boards = sub.add_parser("dashboards", help="generate the Grafana dashboards (needs the dashboards extra)")
+    boards.add_argument("--thresholds", default="deploy/prometheus/thresholds.yaml",
+                        help="thresholds YAML, for the thresholds the panels draw (default %(default)s)")
+    boards.add_argument("--out", default="grafana/dashboards", help="folder for the JSON files (default %(default)s)")
+    boards.set_defaults(func=_dashboards)
     return parser
 
 
