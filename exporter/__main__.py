@@ -48,6 +48,23 @@ def _dashboards(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from . import report
+    from .rules import Thresholds, duration_seconds
+
+    factor = Thresholds.load(Path(args.thresholds)).number("alerts.TrainingGradientExplosion.factor")
+    try:
+        path = report.main(args.prometheus, args.run, out=Path(args.out), since=duration_seconds(args.since),
+                           job=args.job, explosion_factor=factor)
+    except (LookupError, OSError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .demo import SCENARIOS
 
@@ -83,6 +100,18 @@ def build_parser() -> argparse.ArgumentParser:
     stack.add_argument("--workdir", default=".demo", help="folder for every file the demo writes (default .demo)")
     stack.add_argument("--steps", type=int, default=2400, help="steps of each training run (default 2400)")
     stack.set_defaults(func=_stack)
+
+    rep = sub.add_parser("report", help="draw a run's learning curves to PNG from Prometheus (needs matplotlib)",
+                         description="Render the main panels of the run dashboard to one PNG from Prometheus's "
+                                     "range queries, x-axis in optimizer steps.")
+    rep.add_argument("--prometheus", required=True, help="Prometheus URL, e.g. http://localhost:9090")
+    rep.add_argument("--run", required=True, help="the run to draw")
+    rep.add_argument("--since", default="1h", help="time range ending now, a Prometheus duration (default 1h)")
+    rep.add_argument("--job", default=".+", help="regex of the scrape job (default any)")
+    rep.add_argument("--out", default=".", help="folder for RUN.png (default the current folder)")
+    rep.add_argument("--thresholds", default="deploy/prometheus/thresholds.yaml",
+                     help="thresholds YAML, for the explosion threshold drawn (default %(default)s)")
+    rep.set_defaults(func=_report)
 
     rules = sub.add_parser("rules", help="generate the Prometheus recording and alerting rules from a thresholds file")
     rules.add_argument("--thresholds", required=True, help="thresholds YAML (deploy/prometheus/thresholds.yaml)")

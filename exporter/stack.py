@@ -90,16 +90,11 @@ class Server:
         self.stop()
 
 
-class Prometheus(Server):
-    """A Prometheus server with its own TSDB folder, and helpers for its HTTP query API."""
+class PrometheusClient:
+    """A client of a Prometheus server's HTTP query API."""
 
-    def __init__(self, config: Path, workdir: Path, port: Optional[int] = None) -> None:
-        port = port or free_port()
-        super().__init__("prometheus", [
-            f"--config.file={config}", f"--storage.tsdb.path={workdir / 'prometheus-data'}",
-            f"--web.listen-address=127.0.0.1:{port}", "--web.enable-lifecycle",
-            "--storage.tsdb.retention.time=1d",
-        ], port, workdir)
+    def __init__(self, url: str) -> None:
+        self.url = url.rstrip("/")
 
     def api(self, path: str, **params: Any) -> Any:
         url = f"{self.url}/api/v1/{path}?" + urllib.parse.urlencode(params)
@@ -137,6 +132,18 @@ class Prometheus(Server):
             if time.monotonic() > deadline:
                 raise TimeoutError(f"no result for {expr!r} after {timeout}s")
             time.sleep(interval)
+
+
+class Prometheus(Server, PrometheusClient):
+    """A Prometheus server with its own TSDB folder, and a client of its query API."""
+
+    def __init__(self, config: Path, workdir: Path, port: Optional[int] = None) -> None:
+        port = port or free_port()
+        Server.__init__(self, "prometheus", [
+            f"--config.file={config}", f"--storage.tsdb.path={workdir / 'prometheus-data'}",
+            f"--web.listen-address=127.0.0.1:{port}", "--web.enable-lifecycle",
+            "--storage.tsdb.retention.time=1d",
+        ], port, workdir)
 
 
 class Alertmanager(Server):

@@ -1,7 +1,12 @@
+import time
+
 import pytest
 from prometheus_client import CollectorRegistry
 
 from exporter import TrainingExporter
+from exporter.showcase import EXPECTED, Showcase
+
+QUIET = ("healthy", "noisy", "cosine", "stepdecay")
 
 
 @pytest.fixture
@@ -34,3 +39,23 @@ def value(registry, name, **labels):
     labels.setdefault("run", "test-run")
     labels.setdefault("rank", "0")
     return registry.get_sample_value(name, labels)
+
+
+@pytest.fixture(scope="session")
+def showcase(tmp_path_factory):
+    """What `make demo` runs, once for the session: a training run per pathology and the quiet ones, a real
+    Prometheus and Alertmanager with the demo-speed rules, every expected alert arrived (or 7 minutes passed)."""
+    show = Showcase(workdir=tmp_path_factory.mktemp("showcase"),
+                    scenarios=[s for s in EXPECTED if s != "healthy"] + list(QUIET), finishing=("healthy",))
+    try:
+        show.start()
+        deadline = time.time() + 420
+        while time.time() < deadline and not show.finished():
+            show.poll()
+            time.sleep(0.5)
+        time.sleep(5)  # a late alert on a quiet run would show now
+        show.poll()
+        yield show
+    finally:
+        show.stop()
+        print("\n" + show.summary())

@@ -2,30 +2,10 @@
 and Alertmanager to a webhook, for the right run only; healthy runs raise nothing."""
 import pytest
 
-from exporter.showcase import ALSO_TRUE, EXPECTED, Showcase
+from conftest import QUIET
+from exporter.showcase import ALSO_TRUE, EXPECTED
 
 pytestmark = pytest.mark.e2e
-QUIET = ("healthy", "noisy", "cosine", "stepdecay")
-
-
-@pytest.fixture(scope="module")
-def showcase(tmp_path_factory):
-    import time
-
-    show = Showcase(workdir=tmp_path_factory.mktemp("showcase"),
-                    scenarios=[s for s in EXPECTED if s != "healthy"] + list(QUIET), finishing=("healthy",))
-    try:
-        show.start()
-        deadline = time.time() + 420
-        while time.time() < deadline and not show.finished():
-            show.poll()
-            time.sleep(0.5)
-        time.sleep(5)  # a late alert on a quiet run would show now
-        show.poll()
-        yield show
-    finally:
-        show.stop()
-        print("\n" + show.summary())
 
 
 def test_every_pathology_raises_its_alert(showcase):
