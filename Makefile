@@ -4,8 +4,8 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 # The CPU wheel of this torch lies on the project's machines; an unpinned torch pulls a multi-GB CUDA build.
 TORCH  ?= torch==2.13.0
-SERVER_BINS := prometheus promtool prometheus-alertmanager amtool prometheus-pushgateway
-SERVER_PKGS := prometheus prometheus-alertmanager prometheus-pushgateway
+SERVER_BINS := prometheus promtool prometheus-alertmanager amtool prometheus-pushgateway docker-compose
+SERVER_PKGS := prometheus prometheus-alertmanager prometheus-pushgateway docker-compose
 
 .PHONY: demo test venv servers rules dashboards clean
 
@@ -18,7 +18,8 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
-# Prometheus, Alertmanager and Pushgateway come from the OS packages.
+# Prometheus, Alertmanager and Pushgateway come from the OS packages; docker-compose validates the compose file
+# offline (no container engine is needed).
 servers:
 	@missing=""; for b in $(SERVER_BINS); do command -v $$b >/dev/null || missing="$$missing $$b"; done; \
 	if [ -n "$$missing" ]; then \
@@ -37,7 +38,8 @@ test: venv servers
 	$(PY) -m pytest -q
 
 rules: venv
-	$(PY) -m exporter rules --thresholds deploy/prometheus/thresholds.yaml --out deploy/prometheus/rules
+	$(PY) -m exporter rules --thresholds deploy/prometheus/thresholds.yaml --out deploy/prometheus/rules \
+	  --prometheusrule deploy/kubernetes/prometheusrule.yaml
 
 dashboards: venv
 	$(PY) -m exporter dashboards --thresholds deploy/prometheus/thresholds.yaml --out grafana/dashboards

@@ -18,10 +18,14 @@ def _demo(args: argparse.Namespace) -> int:
 def _rules(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .rules import ThresholdsError, write
+    from .rules import Thresholds, ThresholdsError, render_prometheus_rule, write
 
     try:
         paths = write(Path(args.thresholds), Path(args.out))
+        if args.prometheusrule:
+            path = Path(args.prometheusrule)
+            path.write_text(render_prometheus_rule(Thresholds.load(Path(args.thresholds))))
+            paths.append(path)
     except (OSError, ThresholdsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -116,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     rules = sub.add_parser("rules", help="generate the Prometheus recording and alerting rules from a thresholds file")
     rules.add_argument("--thresholds", required=True, help="thresholds YAML (deploy/prometheus/thresholds.yaml)")
     rules.add_argument("--out", required=True, help="folder to write the rule files into")
+    rules.add_argument("--prometheusrule", help="also write the rules as a prometheus-operator PrometheusRule "
+                                               "manifest to this file")
     rules.set_defaults(func=_rules)
 
     boards = sub.add_parser("dashboards", help="generate the Grafana dashboards (needs the dashboards extra)")

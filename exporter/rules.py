@@ -344,6 +344,18 @@ def render(t: Thresholds) -> Dict[str, str]:
             for name, doc in groups.items()}
 
 
+def render_prometheus_rule(t: Thresholds, name: str = "training-rules") -> str:
+    """The same rule groups as one prometheus-operator ``PrometheusRule`` manifest."""
+    docs = [yaml.safe_load(text) for text in render(t).values()]
+    manifest = {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "PrometheusRule",
+        "metadata": {"name": name, "labels": {"app.kubernetes.io/name": "training-exporter", "role": "alert-rules"}},
+        "spec": {"groups": [g for doc in docs for g in doc["groups"]]},
+    }
+    return HEADER.format(source=Path(t.source).name) + yaml.dump(manifest, Dumper=_Dumper, sort_keys=False, width=120)
+
+
 def write(thresholds: Path, out: Path) -> List[Path]:
     """Generate the rule files from ``thresholds`` into the folder ``out``; returns their paths."""
     t = Thresholds.load(thresholds)
