@@ -227,7 +227,8 @@ def alerting_rules(t: Thresholds) -> List[Dict[str, Any]]:
         ("TrainingGradientExplosion", f"""
             run:training_grad_norm:smoothed > {_num(t.number(ge + "factor"))} * run:training_grad_norm:baseline
             or
-            max by (job, run) (training_grad_norm_recent_max{{{s}}}) > {_num(t.number(ge + "ceiling"))}""",
+            max by (job, run) (max_over_time(training_grad_norm_recent_max{{{s}}}[{_seconds(t.seconds(ge + "for") + t.seconds(ge + "window"))}]))
+              > {_num(t.number(ge + "ceiling"))}""",
          t.duration(ge + "for"),
          "Gradient norm jumped far above its recent level.",
          "Run {{ $labels.run }}: gradient norm {{ $value | humanize }}, more than "
@@ -314,6 +315,10 @@ def alerting_rules(t: Thresholds) -> List[Dict[str, Any]]:
             },
         })
     return out
+
+
+def _seconds(seconds: float) -> str:
+    return f"{seconds:g}s"
 
 
 def _pct(fraction: float) -> str:

@@ -42,7 +42,43 @@ def http_get(url: str, timeout: float = 5.0) -> bytes:
         return response.read()
 
 
-class Server:
+class ManagedProcess:
+    """A child process in its own session, its output in ``log_path``; ``stop()`` ends it and its children."""
+
+    def __init__(self, args: Sequence[str], log_path: Path, **popen: Any) -> None:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.log_path = log_path
+        self._log = open(log_path, "wb")
+        self.proc = subprocess.Popen(list(args), stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+                                     **popen)
+
+    def log_tail(self, chars: int = 2000) -> str:
+        self._log.flush()
+        return self.log_path.read_bytes()[-chars:].decode(errors="replace")
+
+    def kill(self) -> None:
+        """SIGKILL, as the OOM killer or a node failure ends a process: no clean-up, no goodbye."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self._log.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class Server(ManagedProcess):
     """One server process on loopback; ``name`` picks the binary, ``args`` its flags."""
 
     ready_path = "/-/ready"
@@ -51,11 +87,7 @@ class Server:
         self.name = name
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
-        workdir.mkdir(parents=True, exist_ok=True)
-        self.log_path = workdir / f"{name}.log"
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen([binary(name), *args], stdout=self._log, stderr=subprocess.STDOUT,
-                                     cwd=workdir, start_new_session=True)
+        super().__init__([binary(name), *args], workdir / f"{name}.log", cwd=workdir)
 
     def wait_ready(self, timeout: float = 30.0) -> "Server":
         deadline = time.monotonic() + timeout
@@ -68,26 +100,6 @@ class Server:
             except (urllib.error.URLError, OSError):
                 time.sleep(0.2)
         raise TimeoutError(f"{self.name} not ready on {self.url} after {timeout}s: {self.log_tail()}")
-
-    def log_tail(self, chars: int = 2000) -> str:
-        self._log.flush()
-        return self.log_path.read_bytes()[-chars:].decode(errors="replace")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        self._log.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
 
 class PrometheusClient:
@@ -259,7 +271,7 @@ def alertmanager_config(workdir: Path, webhook_url: str) -> Path:
     return path
 
 
-class DemoRun:
+class DemoRun(ManagedProcess):
     """``python -m exporter demo`` as a separate process (one training job), its output in a log file."""
 
     def __init__(self, scenario: str, run: str, port: int, workdir: Path, *, steps: int = 100_000,
@@ -269,15 +281,12 @@ class DemoRun:
 
         self.scenario, self.run, self.port = scenario, run, port
         self.target = f"127.0.0.1:{port}"
-        workdir.mkdir(parents=True, exist_ok=True)
-        self.log_path = workdir / f"{run}.log"
-        self._log = open(self.log_path, "wb")
         self.started = time.time()
-        self.proc = subprocess.Popen(
+        super().__init__(
             [python or sys.executable, "-m", "exporter", "demo", "--scenario", scenario, "--run", run,
              "--port", str(port), "--addr", "127.0.0.1", "--steps", str(steps), "--step-time", str(step_time),
              "--max-window", str(max_window), "--eval-every", str(eval_every), "--linger", str(linger)],
-            stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO,
+            workdir / f"{run}.log", cwd=REPO,
             # One thread each: many small runs share few cores.
             env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
 
@@ -287,24 +296,6 @@ class DemoRun:
 
         m = re.search(rb"injected at unix time ([0-9.]+)", self.log_path.read_bytes())
         return float(m.group(1)) if m else None
-
-    def log_tail(self, chars: int = 1500) -> str:
-        return self.log_path.read_bytes()[-chars:].decode(errors="replace")
-
-    def kill(self) -> None:
-        """SIGKILL, as the OOM killer or a node failure ends a job: no close(), no goodbye."""
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        self._log.close()
 
 
 class LocalStack:
