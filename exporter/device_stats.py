@@ -8,6 +8,7 @@ between two reads (non-finite steps, the largest loss, sums for means) accumulat
 from __future__ import annotations
 
 import collections
+import itertools
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -77,9 +78,12 @@ class StepAccumulator:
             dtype=torch.float64, device=device,
         )
         self.acc = self._init.clone()
-        # Which columns a step fills, and whether their non-finite values count: host-known, so each mask is
-        # built once instead of copied to the device every step.
+        # Which columns a step fills, and whether their non-finite values count: host-known, so every mask is
+        # built here once instead of copied to the device (a host-to-device copy) during training.
         self._masks: Dict[Tuple[bool, bool, bool], Tuple[torch.Tensor, torch.Tensor]] = {}
+        for key in itertools.product((False, True), repeat=3):
+            present = torch.tensor(key[:2], dtype=torch.bool, device=device)
+            self._masks[key] = (present, present & (not key[2]))
         self._neg_inf = torch.tensor(-np.inf, dtype=torch.float64, device=device)
         self._zero = torch.tensor(0.0, dtype=torch.float64, device=device)
         self._nan = torch.tensor(np.nan, dtype=torch.float64, device=device)
@@ -92,12 +96,7 @@ class StepAccumulator:
         On a step the optimizer skipped (a gradient scaler found infinite gradients), non-finite values are
         expected and neither counted nor published; finite ones are.
         """
-        key = (loss is not None, grad_norm is not None, skipped)
-        masks = self._masks.get(key)
-        if masks is None:
-            present = torch.tensor(key[:2], dtype=torch.bool, device=self.device)
-            masks = self._masks[key] = (present, present & (not skipped))
-        present, counted = masks
+        present, counted = self._masks[(loss is not None, grad_norm is not None, skipped)]
         x = torch.stack([
             (loss if loss is not None else self._nan).reshape(()).to(torch.float64),
             (grad_norm if grad_norm is not None else self._nan).reshape(()).to(torch.float64),
