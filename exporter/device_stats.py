@@ -59,10 +59,6 @@ class AsyncReader:
                 event.synchronize()
         return self.poll()
 
-    @property
-    def in_flight(self) -> int:
-        return len(self._pending)
-
 
 class StepAccumulator:
     """Per-device sums, counts, maxima and last values of the train loss and the gradient norm.

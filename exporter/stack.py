@@ -81,8 +81,6 @@ class ManagedProcess:
 class Server(ManagedProcess):
     """One server process on loopback; ``name`` picks the binary, ``args`` its flags."""
 
-    ready_path = "/-/ready"
-
     def __init__(self, name: str, args: Sequence[str], port: int, workdir: Path) -> None:
         self.name = name
         self.port = port
@@ -95,7 +93,7 @@ class Server(ManagedProcess):
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.name} exited with {self.proc.returncode}: {self.log_tail()}")
             try:
-                http_get(self.url + self.ready_path, timeout=1.0)
+                http_get(self.url + "/-/ready", timeout=1.0)
                 return self
             except (urllib.error.URLError, OSError):
                 time.sleep(0.2)
