@@ -13,7 +13,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 from .stack import DEPLOY, DemoRun, LocalStack, Pushgateway, free_port, http_get
 
@@ -98,6 +98,21 @@ class Showcase:
             new.append(arrival)
         return new
 
+    def watch(self, limit: float, on_arrival: Optional[Callable[[Arrival], None]] = None,
+              on_progress: Optional[Callable[[str], None]] = None, progress_every: float = 10.0) -> None:
+        """Poll Alertmanager until every expected alert arrived and the runs ended, or ``limit`` seconds passed
+        since the start."""
+        last_progress = 0.0
+        while time.time() - self.started < limit and not self.finished():
+            for arrival in self.poll():
+                if on_arrival is not None:
+                    on_arrival(arrival)
+            if on_progress is not None and time.time() - last_progress >= progress_every:
+                last_progress = time.time()
+                on_progress(self.progress())
+            time.sleep(0.5)
+        self.poll()
+
     def fired(self, run: DemoRun) -> Dict[str, Arrival]:
         return {a.alertname: a for (r, _), a in self.arrivals.items() if r == run.run}
 
@@ -157,17 +172,13 @@ def main(duration: Optional[float] = None, workdir: Path = Path(".demo"), intera
               f"Pushgateway  {show.pushgateway.url}", flush=True)
         for run in show.runs:
             print(f"exporter     http://{run.target}/metrics  ({run.run}: {run.scenario})", flush=True)
-        last_progress = 0.0
-        while time.time() - show.started < limit and not show.finished():
-            for a in show.poll():
-                inhibited = " (inhibited)" if a.state == "suppressed" else ""
-                print(f"[{a.seen - show.started:5.0f}s] ALERT {a.alertname} ({a.severity}){inhibited} "
-                      f"run {a.run}: {a.description}", flush=True)
-            if time.time() - last_progress >= 10:
-                last_progress = time.time()
-                print(f"[{last_progress - show.started:5.0f}s] steps  {show.progress()}", flush=True)
-            time.sleep(0.5)
-        show.poll()
+        def arrived(a: Arrival) -> None:
+            inhibited = " (inhibited)" if a.state == "suppressed" else ""
+            print(f"[{a.seen - show.started:5.0f}s] ALERT {a.alertname} ({a.severity}){inhibited} "
+                  f"run {a.run}: {a.description}", flush=True)
+
+        show.watch(limit, arrived, lambda line: print(f"[{time.time() - show.started:5.0f}s] steps  {line}",
+                                                      flush=True))
         print("\nsummary\n" + show.summary(), flush=True)
         show.push_summary()
         if interactive:

@@ -49,10 +49,7 @@ def showcase(tmp_path_factory):
                     scenarios=[s for s in EXPECTED if s != "healthy"] + list(QUIET), finishing=("healthy",))
     try:
         show.start()
-        deadline = time.time() + 420
-        while time.time() < deadline and not show.finished():
-            show.poll()
-            time.sleep(0.5)
+        show.watch(420)
         time.sleep(5)  # a late alert on a quiet run would show now
         show.poll()
         yield show
