@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     stack.add_argument("--duration", type=float, help="end after this many seconds at most (default: when every "
                                                       "expected alert arrived, at most 600 s)")
     stack.add_argument("--workdir", default=".demo", help="folder for every file the demo writes (default .demo)")
-    stack.add_argument("--steps", type=int, default=2400, help="steps of each training run (default 2400)")
+    stack.add_argument("--steps", type=int, default=3000, help="steps of each training run (default 3000)")
     stack.set_defaults(func=_stack)
 
     rep = sub.add_parser("report", help="draw a run's learning curves to PNG from Prometheus (needs matplotlib)",

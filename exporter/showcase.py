@@ -56,7 +56,7 @@ class Showcase:
     scenarios: Sequence[str] = tuple(EXPECTED)
     # Healthy scenarios whose runs end early, close the exporter and exit: no hung or target-down alert.
     finishing: Sequence[str] = ()
-    steps: int = 2400
+    steps: int = 3000
     step_time: float = 0.05
     thresholds: Path = THRESHOLDS
     runs: List[DemoRun] = field(default_factory=list)
@@ -159,7 +159,7 @@ class Showcase:
 
 
 def main(duration: Optional[float] = None, workdir: Path = Path(".demo"), interactive: Optional[bool] = None,
-         steps: int = 2400) -> int:
+         steps: int = 3000) -> int:
     """Run the showcase; interactive (a terminal, no duration) it keeps the stack up until Ctrl-C."""
     interactive = sys.stdin.isatty() and duration is None if interactive is None else interactive
     limit = duration if duration is not None else 600.0

@@ -264,13 +264,13 @@ def test_noisy_evaluations_while_improving_are_not_overfitting(tmp_path):
 
 
 def test_plateau_is_info_and_waits_for_min_age(tmp_path):
-    series = synthetic(150, loss=lambda s: max(0.5, 2.0 - s / 1200), val=lambda m: 0.6)
+    series = synthetic(180, loss=lambda s: max(0.5, 2.0 - s / 1200), val=lambda m: 0.6)
     fires = firing(
         "TrainingPlateau", "Run r1: the best smoothed train loss improved by 0% per step over the last 30m and "
         "the val loss is not improving.")
     run_group(tmp_path, "plateau", series, [
-        alert_test(85, "TrainingPlateau"),  # flat since minute 30, but the run is young and `for:` runs
-        alert_test(100, "TrainingPlateau", fires),
+        alert_test(120, "TrainingPlateau"),  # flat since minute 30, no new best from about 65m: `for:` (1h) runs
+        alert_test(150, "TrainingPlateau", fires),
     ])
 
 
