@@ -263,7 +263,7 @@ def test_noisy_evaluations_while_improving_are_not_overfitting(tmp_path):
     assert severe(alerts_fired(tmp_path, "val-noise", series, RUN, len(series["training_step"]) - 1)) == []
 
 
-def test_plateau_is_info_and_waits_for_min_age(tmp_path):
+def test_plateau_is_info_and_fires_after_its_for(tmp_path):
     series = synthetic(180, loss=lambda s: max(0.5, 2.0 - s / 1200), val=lambda m: 0.6)
     fires = firing(
         "TrainingPlateau", "Run r1: the best smoothed train loss improved by 0% per step over the last 30m and "
@@ -272,6 +272,14 @@ def test_plateau_is_info_and_waits_for_min_age(tmp_path):
         alert_test(120, "TrainingPlateau"),  # flat since minute 30, no new best from about 65m: `for:` (1h) runs
         alert_test(150, "TrainingPlateau", fires),
     ])
+
+
+def test_plateau_never_fires_in_a_young_run(tmp_path):
+    """Flat from the first step: no new best from about minute 35, but the run is younger than min_age (1h)
+    until minute 60, so the 1h `for:` starts only then."""
+    series = synthetic(150, val=lambda m: 0.6)
+    run_group(tmp_path, "young", series, [alert_test(110, "TrainingPlateau")])
+    assert [a["alertname"] for a in alerts_fired(tmp_path, "young", series, RUN, 125)] == ["TrainingPlateau"]
 
 
 def test_plateau_is_quiet_while_val_improves(tmp_path):
