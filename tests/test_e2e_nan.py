@@ -9,7 +9,7 @@ pytestmark = pytest.mark.e2e
 THRESHOLDS = DEPLOY / "prometheus" / "thresholds-demo.yaml"
 
 
-def test_nan_alert_reaches_the_webhook_for_that_run_only(tmp_path):
+def test_nan_alert_reaches_the_webhook_for_that_run_only(tmp_path, capsys):
     runs = [DemoRun("nan", "e2e-nan", free_port(), tmp_path / "runs", steps=800, linger=60),
             DemoRun("healthy", "e2e-healthy", free_port(), tmp_path / "runs", steps=800, linger=60)]
     try:
@@ -26,7 +26,8 @@ def test_nan_alert_reaches_the_webhook_for_that_run_only(tmp_path):
             assert alert["receiver"] == "training-critical"
             assert alert["annotations"]["runbook_url"].endswith("#alert-name-traininglossnotfinite")
             delay = alert["received"] - runs[0].fault_time()
-            print(f"\nTrainingLossNotFinite detection delay (NaN step to webhook): {delay:.1f} s")
+            with capsys.disabled():
+                print(f"\nTrainingLossNotFinite detection delay (NaN step to webhook): {delay:.1f} s")
             assert 0 < delay < 60
             # The healthy run trains on to its end; it must not have sent anything meanwhile.
             while runs[1].proc.poll() is None and b"completed at step" not in runs[1].log_path.read_bytes():
