@@ -149,7 +149,7 @@ class TrainingExporter:
             GCCollector(registry=registry)
         self.registry = registry
         registry.register(self.state)
-        self._server, self._thread = self._serve(port, addr, registry)
+        self._server, _ = self._serve(port, addr, registry)
         self.port: int = self._server.server_port
         self.addr = addr
         log.info("serving metrics of run %r rank %d on http://%s:%d/metrics", self.run, self.rank, addr, self.port)
@@ -179,6 +179,9 @@ class TrainingExporter:
             raise TypeError(f"watch(): model must be a torch.nn.Module, got {type(model).__name__}")
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"watch(): optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if optimizer is not None and any(opt is optimizer for opt, _, _ in self._watched):
+            raise ValueError("watch(): this optimizer is already watched; its steps would be counted twice")
+        self._check_open("watch()")
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if optimizer is not None:
             in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}

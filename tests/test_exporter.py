@@ -273,6 +273,15 @@ def test_per_layer_cap_counts_merged_groups(make_exporter, registry):
     assert layers == {"0", "1", "other"}
 
 
+def test_watching_an_optimizer_twice_is_refused(make_exporter):
+    model = small_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    exp = make_exporter()
+    exp.watch(model, optimizer)
+    with pytest.raises(ValueError, match="already watched"):
+        exp.watch(model, optimizer)
+
+
 def test_nonfinite_gradients_without_scaler_are_counted(make_exporter, registry):
     model = small_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
