@@ -209,14 +209,16 @@ def alerting_rules(t: Thresholds) -> List[Dict[str, Any]]:
             and run:training_loss:smoothed < {_num(1 + t.number(pl + "max_rise"))} * min_over_time(run:training_loss:smoothed[{trend}])"""
     running = f"""max by (job, run) (training_run_status{{{s}, status="running"}}) == 1"""
 
+    # Counts are rounded: increase() extrapolates to the window's edges, and "14.61 steps" reads oddly. It only
+    # extrapolates upwards, so one event still counts as at least 1.
     alerts = [
         ("TrainingLossNotFinite", f"""
-            sum by (job, run) (
+            round(sum by (job, run) (
               increase(training_loss_nonfinite_total{{{s}}}[{t.duration(nf + "window")}])
               + increase(training_grad_nonfinite_total{{{s}}}[{t.duration(nf + "window")}])
-            ) > 0
+            )) > 0
             or
-            sum by (job, run) (increase(training_scaler_skipped_steps_total{{{s}}}[{t.duration(nf + "window")}]))
+            round(sum by (job, run) (increase(training_scaler_skipped_steps_total{{{s}}}[{t.duration(nf + "window")}])))
               > {_num(t.number(nf + "max_skipped_ratio"))}
               * sum by (job, run) (increase(training_step_duration_seconds_count{{{s}}}[{t.duration(nf + "window")}]))""",
          t.duration(nf + "for"),
