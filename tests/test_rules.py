@@ -291,6 +291,13 @@ def test_slow_progress_is_info(tmp_path):
     series = synthetic(240, loss=lambda s: 2.0 * math.exp(-s * 7e-5))  # -7% per 1000 steps
     fired = alerts_fired(tmp_path, "slow", series, RUN, 239)
     assert [(a["alertname"], a["severity"]) for a in fired] == [("TrainingLossDecreasingSlowly", "info")]
+    # (1 - exp(-7e-5 * 1800)) / 1800 steps = 0.006577% per step, once both trend windows are past the start.
+    fires = firing("TrainingLossDecreasingSlowly", "Run r1: the best smoothed train loss improves by only "
+                   "0.006577% per step over the last 30m.")
+    run_group(tmp_path, "slow-exact", series, [
+        alert_test(170, "TrainingLossDecreasingSlowly"),  # slow since the start, but the run is young, then `for:`
+        alert_test(200, "TrainingLossDecreasingSlowly", fires),
+    ])
 
 
 def _hang(minutes, hang_at, status_running=None):
