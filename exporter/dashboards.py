@@ -7,8 +7,10 @@ under ``grafana/dashboards/`` equals what this writes; a test checks it.
 """
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Dict, List
 
 from .panels import SEL, PanelSpec, run_panels
@@ -19,25 +21,29 @@ OVERVIEW_UID = "training-overview"
 DATASOURCE = "${datasource}"
 
 
-def _sdk():
+@functools.lru_cache(maxsize=None)
+def _sdk() -> SimpleNamespace:
+    """The SDK's modules by name; imported on first use, so the exporter never needs the SDK."""
     try:
         from grafana_foundation_sdk.builders import common, dashboard, prometheus, stat, table, timeseries
         from grafana_foundation_sdk.cog.encoder import JSONEncoder
         from grafana_foundation_sdk.models import common as common_models
         from grafana_foundation_sdk.models import dashboard as models
+        from grafana_foundation_sdk.models import prometheus as prom_models
     except ModuleNotFoundError as exc:
         raise ModuleNotFoundError("the dashboards need grafana-foundation-sdk: pip install "
                                   "'training-exporter[dashboards]'") from exc
-    return dashboard, timeseries, stat, table, prometheus, common, common_models, models, JSONEncoder
+    return SimpleNamespace(dashboard=dashboard, timeseries=timeseries, stat=stat, table=table,
+                           prometheus=prometheus, common=common, common_models=common_models, models=models,
+                           prom_models=prom_models, JSONEncoder=JSONEncoder)
 
 
 def _datasource():
-    models = _sdk()[7]
-    return models.DataSourceRef(type_val="prometheus", uid=DATASOURCE)
+    return _sdk().models.DataSourceRef(type_val="prometheus", uid=DATASOURCE)
 
 
 def _variables(with_rank: bool) -> List:
-    dashboard, *_, models, _ = _sdk()
+    dashboard, models = _sdk().dashboard, _sdk().models
     ds = _datasource()
 
     def query(name: str, label: str, expr: str, multi: bool):
@@ -61,15 +67,16 @@ def _variables(with_rank: bool) -> List:
 
 
 def _timeseries(spec: PanelSpec):
-    _, timeseries, _, _, prometheus, common, common_models, models, _ = _sdk()
-    panel = (timeseries.Panel().title(spec.title).description(spec.description).datasource(_datasource())
+    sdk = _sdk()
+    common, common_models, models = sdk.common, sdk.common_models, sdk.models
+    panel = (sdk.timeseries.Panel().title(spec.title).description(spec.description).datasource(_datasource())
              .unit(spec.unit).height(8).span(12).line_width(1).fill_opacity(5).span_nulls(True)
              .legend(common.VizLegendOptions().show_legend(True)
                      .display_mode(common_models.LegendDisplayMode.LIST).placement(common_models.LegendPlacement.BOTTOM)))
     for i, q in enumerate(spec.queries):
-        panel = panel.with_target(prometheus.Dataquery().expr(q.expr).legend_format(q.legend).ref_id(chr(65 + i)))
+        panel = panel.with_target(sdk.prometheus.Dataquery().expr(q.expr).legend_format(q.legend).ref_id(chr(65 + i)))
     if spec.zero_line:
-        panel = (panel.thresholds(_dashboard_builder().ThresholdsConfig().mode(models.ThresholdsMode.ABSOLUTE)
+        panel = (panel.thresholds(sdk.dashboard.ThresholdsConfig().mode(models.ThresholdsMode.ABSOLUTE)
                                   .steps([models.Threshold(value=None, color="transparent"),
                                           models.Threshold(value=0.0, color="red")]))
                  .thresholds_style(common.GraphThresholdsStyleConfig().mode(common_models.GraphThresholdsStyleMode.DASHED)))
@@ -81,18 +88,13 @@ def _timeseries(spec: PanelSpec):
     return panel
 
 
-def _dashboard_builder():
-    return _sdk()[0]
-
-
 def _encode(board) -> Dict:
-    encoder = _sdk()[8]
-    return json.loads(json.dumps(board.build(), cls=encoder))
+    return json.loads(json.dumps(board.build(), cls=_sdk().JSONEncoder))
 
 
 def run_dashboard(thresholds: Thresholds) -> Dict:
     """The "Training run" dashboard: the seed's learning-curve plots for the selected runs."""
-    dashboard, *_, models, _ = _sdk()
+    dashboard, models = _sdk().dashboard, _sdk().models
     board = (dashboard.Dashboard("Training run").uid(RUN_UID).tags(["training"]).refresh("30s")
              .time("now-6h", "now").tooltip(models.DashboardCursorSync.CROSSHAIR).readonly()
              .description("Learning curves, gradients and alerts of training runs exported by training-exporter."))
@@ -112,12 +114,13 @@ def run_dashboard(thresholds: Thresholds) -> Dict:
 
 def overview_dashboard() -> Dict:
     """The "Training overview" dashboard: every run, its status, step, losses, firing alerts, and a link."""
-    dashboard, _, stat, table, prometheus, _, _, models, _ = _sdk()
+    sdk = _sdk()
+    dashboard, stat, table, prometheus, models = sdk.dashboard, sdk.stat, sdk.table, sdk.prometheus, sdk.models
     ds = _datasource()
     job = 'job=~"$job"'
 
     def instant(expr: str, ref: str):
-        return prometheus.Dataquery().expr(expr).instant().format(_prom_format_table()).ref_id(ref)
+        return prometheus.Dataquery().expr(expr).instant().format(sdk.prom_models.PromQueryFormat.TABLE).ref_id(ref)
 
     runs = (table.Panel().title("Runs").description("One row per run; the run name opens its run dashboard.")
             .datasource(ds).height(14).span(24)
@@ -157,12 +160,6 @@ def overview_dashboard() -> Dict:
                                     "Steps with a NaN/Inf loss in the last hour, all runs."))
              .with_panel(runs))
     return _encode(board)
-
-
-def _prom_format_table():
-    from grafana_foundation_sdk.models import prometheus as prom_models
-
-    return prom_models.PromQueryFormat.TABLE
 
 
 def render(thresholds: Thresholds) -> Dict[str, str]:
