@@ -202,6 +202,7 @@ def alerting_rules(t: Thresholds) -> List[Dict[str, Any]]:
     nf, ge, ls = a + "TrainingLossNotFinite.", a + "TrainingGradientExplosion.", a + "TrainingLossSpike."
     dv, of, pl = a + "TrainingDiverging.", a + "TrainingOverfitting.", a + "TrainingPlateau."
     sl, hg, td = a + "TrainingLossDecreasingSlowly.", a + "TrainingHung.", a + "TrainingTargetDown."
+    nf_window = t.duration(nf + "window")
     plateau_slope = t.number(pl + "relative_improvement")
     old_enough = f"""(time() - min by (job, run) (training_run_start_timestamp_seconds{{{s}}})) > {_num(t.seconds(pl + "min_age"))}"""
     # Not improving, and not rising either (a rising loss is the divergence alert's).
@@ -214,18 +215,18 @@ def alerting_rules(t: Thresholds) -> List[Dict[str, Any]]:
     alerts = [
         ("TrainingLossNotFinite", f"""
             round(sum by (job, run) (
-              increase(training_loss_nonfinite_total{{{s}}}[{t.duration(nf + "window")}])
-              + increase(training_grad_nonfinite_total{{{s}}}[{t.duration(nf + "window")}])
+              increase(training_loss_nonfinite_total{{{s}}}[{nf_window}])
+              + increase(training_grad_nonfinite_total{{{s}}}[{nf_window}])
             )) > 0
             or
-            round(sum by (job, run) (increase(training_scaler_skipped_steps_total{{{s}}}[{t.duration(nf + "window")}])))
+            round(sum by (job, run) (increase(training_scaler_skipped_steps_total{{{s}}}[{nf_window}])))
               > {_num(t.number(nf + "max_skipped_ratio"))}
-              * sum by (job, run) (increase(training_step_duration_seconds_count{{{s}}}[{t.duration(nf + "window")}]))""",
+              * sum by (job, run) (increase(training_step_duration_seconds_count{{{s}}}[{nf_window}]))""",
          t.duration(nf + "for"),
          "Training loss or gradients became NaN or infinite.",
          "Run {{ $labels.run }} had {{ $value | humanize }} steps with a NaN/Inf loss or gradients (or skipped by "
          "its gradient scaler, more than " + _pct(t.number(nf + "max_skipped_ratio")) + " of steps) in the last "
-         + t.duration(nf + "window") + "."),
+         + nf_window + "."),
         ("TrainingGradientExplosion", f"""
             run:training_grad_norm:smoothed > {_num(t.number(ge + "factor"))} * run:training_grad_norm:baseline
             or
