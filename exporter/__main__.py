@@ -8,7 +8,7 @@ from typing import List, Optional
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from . import demo
+    from .stack import demo
 
     return demo.main(args.scenario, steps=args.steps, step_time=args.step_time, eval_every=args.eval_every,
                      run=args.run, port=args.port, addr=args.addr, linger=args.linger,
@@ -18,7 +18,8 @@ def _demo(args: argparse.Namespace) -> int:
 def _rules(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .rules import Thresholds, ThresholdsError, render_prometheus_rule, write
+    from .ops.rules import render_prometheus_rule, write
+    from .ops.thresholds import Thresholds, ThresholdsError
 
     try:
         paths = write(Path(args.thresholds), Path(args.out))
@@ -37,7 +38,7 @@ def _rules(args: argparse.Namespace) -> int:
 def _stack(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from . import showcase
+    from .stack import showcase
 
     return showcase.main(duration=args.duration, workdir=Path(args.workdir), steps=args.steps)
 
@@ -45,7 +46,7 @@ def _stack(args: argparse.Namespace) -> int:
 def _dashboards(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .dashboards import write
+    from .ops.dashboards import write
 
     for path in write(Path(args.thresholds), Path(args.out)):
         print(f"wrote {path}")
@@ -55,8 +56,8 @@ def _dashboards(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from . import report
-    from .rules import Thresholds, duration_seconds
+    from .ops import report
+    from .ops.thresholds import Thresholds, duration_seconds
 
     factor = Thresholds.load(Path(args.thresholds)).number("alerts.TrainingGradientExplosion.factor")
     try:
@@ -70,7 +71,7 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .demo import SCENARIOS
+    from .stack.demo import SCENARIOS
 
     parser = argparse.ArgumentParser(prog="python -m exporter",
                                      description="Prometheus exporter for PyTorch training jobs.")

@@ -1,7 +1,6 @@
 """``TrainingExporter``: the in-process exporter a training loop talks to."""
 from __future__ import annotations
 
-import errno
 import logging
 import numbers
 import re
@@ -10,13 +9,14 @@ import time
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
-from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
+from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 
 from . import __version__, runtime
 from .collector import RunState
 from .device_stats import AsyncReader, GradStats, StepAccumulator
+from .server import MetricsServer
 
 log = logging.getLogger("exporter")
 
@@ -149,24 +149,10 @@ class TrainingExporter:
             GCCollector(registry=registry)
         self.registry = registry
         registry.register(self.state)
-        self._server, _ = self._serve(port, addr, registry)
-        self.port: int = self._server.server_port
+        self._server: Optional[MetricsServer] = MetricsServer(port, addr, registry)
+        self.port: int = self._server.port
         self.addr = addr
         log.info("serving metrics of run %r rank %d on http://%s:%d/metrics", self.run, self.rank, addr, self.port)
-
-    @staticmethod
-    def _serve(port: int, addr: str, registry: CollectorRegistry):
-        try:
-            return start_http_server(port, addr=addr, registry=registry)
-        except OSError as exc:
-            if exc.errno == errno.EADDRINUSE:
-                raise OSError(
-                    exc.errno,
-                    f"cannot serve metrics on {addr}:{port}: the port is already in use. Choose another with "
-                    f"TrainingExporter(port=...) or the environment variable {runtime.ENV_PREFIX}PORT "
-                    f"(port=0 picks a free port).",
-                ) from None
-            raise
 
     # ----------------------------------------------------------------------------------------------- hooks
     def watch(self, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer] = None) -> None:
@@ -367,8 +353,7 @@ class TrainingExporter:
                 self._apply(self._reader.flush())
                 self.state.status = status
         if stop_server and self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
+            self._server.stop()
             self._server = None
 
     def __enter__(self) -> "TrainingExporter":

@@ -4,7 +4,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from exporter import TrainingExporter
-from exporter.showcase import EXPECTED, Showcase
+from exporter.stack.showcase import EXPECTED, Showcase
 
 QUIET = ("healthy", "noisy", "cosine", "stepdecay")
 

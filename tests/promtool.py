@@ -10,8 +10,8 @@ from typing import Dict, Iterable, List, Optional, Sequence
 
 import yaml
 
-from exporter import rules
-from exporter.stack import binary
+from exporter.ops import rules
+from exporter.stack.servers import binary
 
 ROOT = Path(__file__).resolve().parent.parent
 THRESHOLDS = ROOT / "deploy" / "prometheus" / "thresholds.yaml"

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from exporter import TrainingExporter
-from exporter.demo import SCENARIOS, train
+from exporter.stack.demo import SCENARIOS, train
 
 OUT = Path(__file__).resolve().parent / "data" / "recorded"
 STEPS_PER_SCRAPE = 20

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import yaml
 
-from exporter import rules
-from exporter.stack import DEPLOY, alertmanager_config, binary
+from exporter.ops import rules
+from exporter.stack.servers import DEPLOY, alertmanager_config, binary
 
 CONFIG = DEPLOY / "alertmanager" / "alertmanager.yml"
 TEMPLATES = str(DEPLOY / "alertmanager" / "templates" / "*.tmpl")

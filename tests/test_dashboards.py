@@ -5,9 +5,10 @@ from pathlib import Path
 
 import pytest
 
-from exporter import dashboards, rules
+from exporter.ops import dashboards, rules
+from exporter.ops.thresholds import Thresholds, ThresholdsError, duration_seconds
 from exporter.metrics import sample_names
-from exporter.panels import run_panels
+from exporter.ops.panels import run_panels
 
 ROOT = Path(__file__).resolve().parent.parent
 BOARDS = ROOT / "grafana" / "dashboards"
@@ -37,7 +38,7 @@ def exprs(board):
 
 
 def test_committed_dashboards_equal_generated():
-    rendered = dashboards.render(rules.Thresholds.load(THRESHOLDS))
+    rendered = dashboards.render(Thresholds.load(THRESHOLDS))
     for name, text in rendered.items():
         assert (BOARDS / name).read_text() == text, f"{name} is stale: run `make dashboards`"
     assert sorted(p.name for p in BOARDS.glob("*.json")) == sorted(rendered)
@@ -72,13 +73,13 @@ def test_run_dashboard_has_the_variables_and_panels_of_the_issue():
 
 
 def test_gradient_panel_draws_the_explosion_threshold_of_the_thresholds_file():
-    factor = rules.Thresholds.load(THRESHOLDS).number("alerts.TrainingGradientExplosion.factor")
+    factor = Thresholds.load(THRESHOLDS).number("alerts.TrainingGradientExplosion.factor")
     panel = next(p for p in load("training-run.json")["panels"] if p["title"] == "Gradient norm")
     assert any(t["expr"].startswith(f"{factor:g} * run:training_grad_norm:baseline") for t in panel["targets"])
 
 
 def test_dashboards_name_only_defined_metrics():
-    recorded = {r["record"] for r in rules.recording_rules(rules.Thresholds.load(THRESHOLDS))}
+    recorded = {r["record"] for r in rules.recording_rules(Thresholds.load(THRESHOLDS))}
     known = sample_names() | recorded | {"ALERTS", "up"}
     for name in ("training-run.json", "training-overview.json"):
         for where, expr in exprs(load(name)):

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from exporter import report
-from exporter.panels import run_panels
+from exporter.ops import report
+from exporter.ops.panels import run_panels
 
 pytestmark = pytest.mark.e2e
 BOARDS = Path(__file__).resolve().parent.parent / "grafana" / "dashboards"

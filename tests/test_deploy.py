@@ -4,8 +4,9 @@ from pathlib import Path
 
 import yaml
 
-from exporter import rules
-from exporter.stack import binary
+from exporter.ops import rules
+from exporter.ops.thresholds import Thresholds, ThresholdsError, duration_seconds
+from exporter.stack.servers import binary
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -33,12 +34,12 @@ def test_prometheus_config_is_valid_and_scrapes_the_rules_job():
     assert result.returncode == 0, result.stdout + result.stderr
     jobs = [j["job_name"] for j in yaml.safe_load(config.read_text())["scrape_configs"]]
     assert "training" in jobs
-    assert rules.Thresholds.load(THRESHOLDS).text("selector") == 'job="training"'
+    assert Thresholds.load(THRESHOLDS).text("selector") == 'job="training"'
 
 
 def test_prometheusrule_manifest_is_the_generated_rules():
     path = DEPLOY / "kubernetes" / "prometheusrule.yaml"
-    assert path.read_text() == rules.render_prometheus_rule(rules.Thresholds.load(THRESHOLDS))
+    assert path.read_text() == rules.render_prometheus_rule(Thresholds.load(THRESHOLDS))
     groups = yaml.safe_load(path.read_text())["spec"]["groups"]
     files = [yaml.safe_load((DEPLOY / "prometheus" / "rules" / name).read_text())["groups"][0]
              for name in (rules.RECORDING_FILE, rules.ALERTS_FILE)]

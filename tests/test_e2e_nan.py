@@ -3,7 +3,7 @@ import time
 
 import pytest
 
-from exporter.stack import DEPLOY, DemoRun, LocalStack, free_port
+from exporter.stack.servers import DEPLOY, DemoRun, LocalStack, free_port
 
 pytestmark = pytest.mark.e2e
 THRESHOLDS = DEPLOY / "prometheus" / "thresholds-demo.yaml"

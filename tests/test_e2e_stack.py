@@ -3,7 +3,7 @@ and Alertmanager to a webhook, for the right run only; healthy runs raise nothin
 import pytest
 
 from conftest import QUIET
-from exporter.showcase import ALSO_TRUE, EXPECTED
+from exporter.stack.showcase import ALSO_TRUE, EXPECTED
 
 pytestmark = pytest.mark.e2e
 

@@ -6,8 +6,8 @@ import yaml
 from prometheus_client import generate_latest
 
 from exporter import TrainingExporter
-from exporter.demo import SCENARIOS, train
-from exporter.stack import Prometheus, binary
+from exporter.stack.demo import SCENARIOS, train
+from exporter.stack.servers import Prometheus, binary
 
 
 @pytest.fixture(scope="module")

@@ -10,10 +10,11 @@ import subprocess
 import pytest
 import yaml
 
-from exporter import rules
+from exporter.ops import rules
+from exporter.ops.thresholds import Thresholds, ThresholdsError, duration_seconds
 from exporter.__main__ import main as cli
 from exporter.metrics import sample_names
-from exporter.stack import binary
+from exporter.stack.servers import binary
 from promtool import (RULES_DIR, THRESHOLDS, alert_test, alerts_fired, input_series, load_recorded, synthetic,
                       write_and_run)
 
@@ -50,7 +51,7 @@ def severe(fired):
 
 # ---------------------------------------------------------------------------------------------- the files
 def test_committed_rules_equal_generated(tmp_path):
-    rendered = rules.render(rules.Thresholds.load(THRESHOLDS))
+    rendered = rules.render(Thresholds.load(THRESHOLDS))
     for name, text in rendered.items():
         assert (RULES_DIR / name).read_text() == text, f"{name} is stale: run `make rules`"
     assert sorted(p.name for p in RULES_DIR.glob("*.yml")) == sorted(rendered)
@@ -81,7 +82,7 @@ def test_every_contract_alert_is_defined_with_severity_and_annotations():
 
 
 def test_rules_read_only_defined_metrics():
-    recorded = {r["record"] for r in rules.recording_rules(rules.Thresholds.load(THRESHOLDS))}
+    recorded = {r["record"] for r in rules.recording_rules(Thresholds.load(THRESHOLDS))}
     known = sample_names() | recorded | {"up"}
     for path in RULES_DIR.glob("*.yml"):
         for group in yaml.safe_load(path.read_text())["groups"]:
@@ -101,18 +102,18 @@ def test_bad_thresholds_are_named(tmp_path, change, message):
     change(data)
     path = tmp_path / "thresholds.yaml"
     path.write_text(yaml.safe_dump(data))
-    with pytest.raises(rules.ThresholdsError, match=re.escape(message)):
+    with pytest.raises(ThresholdsError, match=re.escape(message)):
         rules.write(path, tmp_path / "out")
     assert cli(["rules", "--thresholds", str(path), "--out", str(tmp_path / "out")]) == 2
 
 
 def test_durations():
-    assert rules.duration_seconds("90s") == 90
-    assert rules.duration_seconds("1h30m") == 5400
-    assert rules.duration_seconds("250ms") == 0.25
+    assert duration_seconds("90s") == 90
+    assert duration_seconds("1h30m") == 5400
+    assert duration_seconds("250ms") == 0.25
     for bad in ("", "10", "1.5h", "m"):
         with pytest.raises(ValueError):
-            rules.duration_seconds(bad)
+            duration_seconds(bad)
 
 
 # ------------------------------------------------------------------------------ real recorded training runs

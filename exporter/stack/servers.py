@@ -18,6 +18,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+from ..ops.promapi import PrometheusClient, http_get
+
 PACKAGES = {"prometheus": "prometheus", "promtool": "prometheus", "prometheus-alertmanager": "prometheus-alertmanager",
             "amtool": "prometheus-alertmanager", "prometheus-pushgateway": "prometheus-pushgateway"}
 
@@ -35,11 +37,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def http_get(url: str, timeout: float = 5.0) -> bytes:
-    with urllib.request.urlopen(url, timeout=timeout) as response:
-        return response.read()
 
 
 class ManagedProcess:
@@ -100,50 +97,6 @@ class Server(ManagedProcess):
         raise TimeoutError(f"{self.name} not ready on {self.url} after {timeout}s: {self.log_tail()}")
 
 
-class PrometheusClient:
-    """A client of a Prometheus server's HTTP query API."""
-
-    def __init__(self, url: str) -> None:
-        self.url = url.rstrip("/")
-
-    def api(self, path: str, **params: Any) -> Any:
-        url = f"{self.url}/api/v1/{path}?" + urllib.parse.urlencode(params)
-        try:
-            body = json.loads(http_get(url))
-        except urllib.error.HTTPError as exc:
-            body = json.loads(exc.read() or b"{}")
-            raise RuntimeError(f"Prometheus API error for {params}: {body.get('error', exc)}") from None
-        if body.get("status") != "success":
-            raise RuntimeError(f"Prometheus API error for {params}: {body.get('error')}")
-        return body["data"]
-
-    def query(self, expr: str, time_: Optional[float] = None) -> List[Dict[str, Any]]:
-        """Instant vector result of ``expr`` as a list of {"metric": labels, "value": float}."""
-        params = {"query": expr}
-        if time_ is not None:
-            params["time"] = f"{time_:.3f}"
-        data = self.api("query", **params)
-        if data["resultType"] in ("scalar", "string"):
-            return [{"metric": {}, "value": float(data["result"][1])}]
-        return [{"metric": r["metric"], "value": float(r["value"][1])} for r in data["result"]]
-
-    def query_range(self, expr: str, start: float, end: float, step: float) -> List[Dict[str, Any]]:
-        data = self.api("query_range", query=expr, start=f"{start:.3f}", end=f"{end:.3f}", step=f"{step:g}")
-        return [{"metric": r["metric"], "values": [(float(t), float(v)) for t, v in r["values"]]}
-                for r in data["result"]]
-
-    def wait_for(self, expr: str, timeout: float = 30.0, interval: float = 0.5) -> List[Dict[str, Any]]:
-        """Poll ``expr`` until it returns a non-empty result."""
-        deadline = time.monotonic() + timeout
-        while True:
-            result = self.query(expr)
-            if result:
-                return result
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"no result for {expr!r} after {timeout}s")
-            time.sleep(interval)
-
-
 class Prometheus(Server, PrometheusClient):
     """A Prometheus server with its own TSDB folder, and a client of its query API."""
 
@@ -175,7 +128,7 @@ class Pushgateway(Server):
         super().__init__("prometheus-pushgateway", [f"--web.listen-address=127.0.0.1:{port}"], port, workdir)
 
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
-from .stack import DEPLOY, DemoRun, LocalStack, Pushgateway, free_port, http_get
+from .servers import DEPLOY, DemoRun, LocalStack, Pushgateway, free_port, http_get
 
 THRESHOLDS = DEPLOY / "prometheus" / "thresholds-demo.yaml"
 

@@ -16,7 +16,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from .panels import PanelSpec, run_panels
-from .stack import PrometheusClient
+from .promapi import PrometheusClient
 
 _LEGEND = re.compile(r"\{\{\s*(\w+)\s*\}\}")
 

@@ -18,7 +18,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from .core import TrainingExporter
+from ..core import TrainingExporter
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 from typing import Dict, List
 
 from .panels import SEL, PanelSpec, run_panels
-from .rules import Thresholds
+from .thresholds import Thresholds
 
 RUN_UID = "training-run"
 OVERVIEW_UID = "training-overview"

@@ -1,0 +1,99 @@
+"""The thresholds file: every threshold, window and ``for:`` of the rules, read and checked in one place."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Dict, List, Mapping
+
+import yaml
+
+_DURATION = re.compile(r"^((\d+)y)?((\d+)w)?((\d+)d)?((\d+)h)?((\d+)m)?((\d+)s)?((\d+)ms)?$")
+_UNIT_SECONDS = (365 * 86400, 7 * 86400, 86400, 3600, 60, 1, 0.001)
+
+
+class ThresholdsError(ValueError):
+    """The thresholds file is missing a key or has a bad value; the message names it."""
+
+
+def duration_seconds(text: str) -> float:
+    """Seconds in a Prometheus duration such as ``90s``, ``10m`` or ``1h30m``."""
+    m = _DURATION.match(str(text))
+    if not text or m is None or not any(m.groups()):
+        raise ValueError(f"{text!r} is not a Prometheus duration (such as 30s, 10m, 1h)")
+    return sum(int(m.group(2 * i + 2)) * unit for i, unit in enumerate(_UNIT_SECONDS) if m.group(2 * i + 2))
+
+
+class Thresholds:
+    """A validated thresholds file; ``get("alerts.TrainingHung.after")`` returns a checked value."""
+
+    def __init__(self, data: Mapping[str, Any], source: str = "thresholds") -> None:
+        if not isinstance(data, Mapping):
+            raise ThresholdsError(f"{source}: expected a mapping at the top level")
+        self.data = data
+        self.source = source
+
+    @classmethod
+    def load(cls, path: Path) -> "Thresholds":
+        """Read a thresholds file; one with ``extends: OTHER`` overrides only the keys it lists of OTHER
+        (a path relative to it)."""
+        path = Path(path)
+        with open(path) as f:
+            try:
+                data = yaml.safe_load(f)
+            except yaml.YAMLError as exc:
+                raise ThresholdsError(f"{path}: not valid YAML: {exc}") from None
+        if isinstance(data, Mapping) and "extends" in data:
+            base = cls.load(path.parent / data["extends"]).data
+            data = _merge(base, {k: v for k, v in data.items() if k != "extends"})
+        return cls(data, str(path))
+
+    def get(self, key: str) -> Any:
+        node: Any = self.data
+        for part in key.split("."):
+            if not isinstance(node, Mapping) or part not in node:
+                raise ThresholdsError(f"{self.source}: missing key {key!r}")
+            node = node[part]
+        return node
+
+    def duration(self, key: str) -> str:
+        value = self.get(key)
+        try:
+            duration_seconds(value)
+        except ValueError as exc:
+            raise ThresholdsError(f"{self.source}: {key}: {exc}") from None
+        return str(value)
+
+    def seconds(self, key: str) -> float:
+        return duration_seconds(self.duration(key))
+
+    def number(self, key: str) -> float:
+        value = self.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise ThresholdsError(f"{self.source}: {key} must be a positive number, got {value!r}")
+        return float(value)
+
+    @property
+    def identity(self) -> str:
+        """The labels that identify one run, as a PromQL label list (``cluster, namespace, job, run``)."""
+        labels = self.get("identity_labels")
+        if (not isinstance(labels, list) or not labels or "run" not in labels
+                or not all(isinstance(x, str) and x.isidentifier() for x in labels)):
+            raise ThresholdsError(f"{self.source}: identity_labels must be a list of label names that includes "
+                                  f"'run', got {labels!r}")
+        return ", ".join(labels)
+
+    def text(self, key: str) -> str:
+        value = self.get(key)
+        if not isinstance(value, str) or not value:
+            raise ThresholdsError(f"{self.source}: {key} must be a non-empty string, got {value!r}")
+        return value
+
+
+def _merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> Dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(base.get(key), Mapping):
+            merged[key] = _merge(base[key], value)
+        else:
+            merged[key] = value
+    return merged
