@@ -1,5 +1,6 @@
 """The run's lifecycle in the training process: phases, the status a `with` block ends with, and SIGTERM with
 the handlers a process already has (the default one, torchrun's, a scheduler tool's), in real processes."""
+import re
 import signal
 import subprocess
 import sys
@@ -201,3 +202,36 @@ def test_sigterm_with_torchruns_handler_raises_its_exception_and_publishes_inter
         proc.kill()
     assert proc.returncode == 0, err
     assert out.splitlines()[-2:] == ["raised SignalException SIGTERM", "final interrupted"], out + err
+
+
+WORKER = """
+import logging, sys, time
+from exporter import TrainingExporter
+logging.basicConfig(level=logging.WARNING, format="%(message)s")
+with TrainingExporter(port=0, addr="127.0.0.1") as exp:
+    print("ready", exp.rank, flush=True)
+    while True:
+        exp.log_step(loss=1.0)
+        time.sleep(0.01)
+"""
+
+
+def test_torchrun_stopping_its_workers_reaches_every_rank(tmp_path):
+    """Real torchrun, two workers: SIGTERM to torchrun makes its handler stop the workers with SIGTERM; each
+    rank publishes "interrupted" and ends as the default handler ends it."""
+    script = tmp_path / "train.py"
+    script.write_text(WORKER)
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        ready = sorted(proc.stdout.readline().strip() for _ in range(2))
+        assert ready == ["ready 0", "ready 1"], proc.communicate(timeout=60)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    # torchrun's own handler ran: it stopped the workers and raised its exception, as without the exporter.
+    assert "shutting down workers" in err and "SignalException" in err and proc.returncode == 1, err
+    published = re.findall(r"run '([^']+)' rank (\d) published status 'interrupted'", err)
+    assert sorted(rank for _, rank in published) == ["0", "1"], err
+    assert len({run for run, _ in published}) == 1  # both ranks under torchrun's one run id
