@@ -2,14 +2,22 @@
 
 Each exporter process is built as Prometheus stores it, scraped once a minute: what a real exporter serves
 (status, start time, phase, step timestamps and durations), a stale marker when a series leaves the
-exposition (a phase that ended) or the target stops answering (the process died), nothing after.
+exposition (a phase that ended) or the target stops answering (the process died), nothing after. The last
+test checks those assumptions (stale markers, `timestamp()`) on a real Prometheus with a real crash.
 """
 import math
 import re
+import subprocess
+import sys
+import time
 from typing import Dict, List, Optional, Tuple
 
+import yaml
+
+from exporter import TrainingExporter
 from exporter.ops import rules
 from exporter.ops.thresholds import Thresholds
+from exporter.stack.servers import DEPLOY, Prometheus, free_port
 from promtool import THRESHOLDS, alert_test, fired, generated_rules, write_and_run
 
 STATUSES = ("running", "completed", "failed", "interrupted")
@@ -261,3 +269,53 @@ def test_same_run_name_in_two_namespaces_stays_apart(tmp_path):
         alert_test(60, "TrainingTargetDown", down("31m 0s", namespace="a")),
         alert_test(60, "TrainingHung", hung("21m 0s", namespace="b")),
     ])
+
+
+# ------------------------------------------------------------------------------ a real Prometheus, real crash
+CRASHING = """
+import sys, time
+from exporter import TrainingExporter
+exp = TrainingExporter(run="r1", port=int(sys.argv[1]), addr="127.0.0.1")
+print("ready", flush=True)
+while True:
+    exp.log_step(loss=1.0)
+    time.sleep(0.05)
+"""
+
+
+def test_real_prometheus_crash_node_reuse_and_resume(tmp_path):
+    """The demo-speed rules in a real Prometheus: r1 is killed (SIGKILL); r2 starts on the same port at once;
+    r1 is TrainingTargetDown (never TrainingHung) and r2 has no alert; r1 resumes on another port and its
+    alert resolves."""
+    rule_dir = generated_rules(tmp_path, DEPLOY / "prometheus" / "thresholds-demo.yaml")
+    node, other = free_port(), free_port()
+    config = tmp_path / "prometheus.yml"
+    config.write_text(yaml.safe_dump({
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "rule_files": [str(rule_dir / "*.rules.yml")],
+        "scrape_configs": [{"job_name": "training", "static_configs": [
+            {"targets": [f"127.0.0.1:{node}", f"127.0.0.1:{other}"]}]}]}))
+    crashing = subprocess.Popen([sys.executable, "-c", CRASHING, str(node)], stdout=subprocess.PIPE, text=True)
+    exporters = []
+    try:
+        assert crashing.stdout.readline().strip() == "ready"
+        with Prometheus(config, tmp_path) as prom:
+            prom.wait_ready()
+            prom.wait_for('training_step{run="r1"} > 0')
+            crashing.kill()
+            crashing.wait(timeout=30)
+            exporters.append(TrainingExporter(run="r2", port=node, addr="127.0.0.1", handle_sigterm=False))
+            prom.wait_for('up{instance="127.0.0.1:%d"} == 1 and on (instance) training_run_status{run="r2"}' % node)
+            down = prom.wait_for('ALERTS{alertname="TrainingTargetDown", alertstate="firing"}', timeout=60)
+            assert [a["metric"]["run"] for a in down] == ["r1"]
+            exporters.append(TrainingExporter(run="r1", port=other, addr="127.0.0.1", handle_sigterm=False))
+            deadline = time.monotonic() + 30
+            while prom.query('ALERTS{alertname="TrainingTargetDown"}') and time.monotonic() < deadline:
+                time.sleep(0.5)
+            assert prom.query('ALERTS{alertname="TrainingTargetDown"}') == []
+            assert prom.query('count_over_time(ALERTS{alertname="TrainingHung"}[10m])') == []
+            assert prom.query('count_over_time(ALERTS{run="r2"}[10m])') == []
+    finally:
+        crashing.kill()
+        for exp in exporters:
+            exp.close(stop_server=True)
