@@ -12,11 +12,12 @@ import sys
 import time
 from typing import Dict, List, Optional, Tuple
 
+import pytest
 import yaml
 
 from exporter import TrainingExporter
 from exporter.ops import rules
-from exporter.ops.thresholds import Thresholds
+from exporter.ops.thresholds import Thresholds, ThresholdsError
 from exporter.stack.servers import DEPLOY, Prometheus, free_port
 from promtool import THRESHOLDS, alert_test, fired, generated_rules, write_and_run
 
@@ -319,3 +320,14 @@ def test_real_prometheus_crash_node_reuse_and_resume(tmp_path):
         crashing.kill()
         for exp in exporters:
             exp.close(stop_server=True)
+
+
+def test_bad_lifecycle_thresholds_are_named(tmp_path):
+    for change, message in (("TrainingHung: {phases: {train: 1h}}", "adapts to the step time"),
+                            ("TrainingHung: {floor: 1h}", "floor must not exceed"),
+                            ("TrainingHung: {phases: {eval: soon}}", "not a Prometheus duration"),
+                            ("TrainingTargetDown: {vanished_for: 0}", "vanished_for")):
+        variant = tmp_path / "bad.yaml"
+        variant.write_text(f"extends: {THRESHOLDS}\nalerts:\n  {change}\n")
+        with pytest.raises(ThresholdsError, match=message):
+            rules.render(Thresholds.load(variant))
