@@ -89,9 +89,10 @@ def alerts(t: Thresholds) -> List[Alert]:
          "Run {{ $labels.run }} made no step for {{ $value | humanizeDuration }}, longer than its phase allows, "
          "and has not reported that it ended."),
         ("TrainingTargetDown", f"""
-            time() - max_over_time({LAST_RUNNING}[{vanished_for}])
-            and on ({ids})
-              max_over_time({LAST_RUNNING}[{vanished_for}]) >= max_over_time({LAST_SCRAPED}[{vanished_for}])
+            time() - (
+              max_over_time({LAST_RUNNING}[{vanished_for}])
+              >= on ({ids}) max_over_time({LAST_SCRAPED}[{vanished_for}])
+            )
             unless on ({ids}) training_run_status{{{s}}}""",
          t.duration(TD + "for"),
          "The exporters of a running training job cannot be scraped.",
