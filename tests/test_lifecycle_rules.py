@@ -201,6 +201,13 @@ def test_crashed_run_that_said_failed_is_quiet(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------- hangs
+def test_rank_lost_while_the_others_wait_is_a_hang_not_target_down(tmp_path):
+    """Rank 1's process dies at minute 30; rank 0 waits for it in a collective: the run is still scraped."""
+    series = (proc("r1", "node-1:9945", 60, stall=(30, None))
+              + proc("r1", "node-2:9945", 60, end=30, rank="1"))
+    assert alerts_over(tmp_path, series, 59) == [("TrainingHung", "r1")]
+
+
 def test_fast_run_that_stops_is_noticed_within_minutes(tmp_path):
     """100 steps/s: the allowance is the floor (2m), not 15 minutes. Last step at minute 29."""
     series = proc("r1", "node-1:9945", 60, step_seconds=0.01, stall=(30, None))
