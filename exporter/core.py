@@ -16,6 +16,7 @@ from prometheus_client.platform_collector import PlatformCollector
 from . import __version__, runtime
 from .collector import RunState
 from .device_stats import AsyncReader, GradStats, StepAccumulator
+from .lifecycle import Lifecycle, PhaseBlock
 from .server import MetricsServer
 
 log = logging.getLogger("exporter")
@@ -104,12 +105,15 @@ class TrainingExporter:
 
     Nothing here synchronises the training thread with the device: tensors are read back asynchronously and
     published once their copy has completed, usually one step later.
+
+    On SIGTERM (preemption) the run publishes "interrupted" and the handler installed before runs as usual;
+    ``handle_sigterm=False`` leaves SIGTERM alone.
     """
 
     def __init__(self, run: Optional[str] = None, *, port: Optional[int] = None, addr: Optional[str] = None,
                  config: Optional[Mapping[str, Any]] = None, registry: Optional[CollectorRegistry] = None,
                  max_window: float = 60.0, detail_every: int = 25, layer_depth: int = 1, max_layers: int = 16,
-                 max_eval_series: int = 32, max_config_labels: int = 32) -> None:
+                 max_eval_series: int = 32, max_config_labels: int = 32, handle_sigterm: bool = True) -> None:
         for name, value in (("detail_every", detail_every), ("max_layers", max_layers),
                             ("max_eval_series", max_eval_series), ("max_config_labels", max_config_labels),
                             ("layer_depth", layer_depth)):
@@ -153,6 +157,7 @@ class TrainingExporter:
         self.port: int = self._server.port
         self.addr = addr
         log.info("serving metrics of run %r rank %d on http://%s:%d/metrics", self.run, self.rank, addr, self.port)
+        self._lifecycle = Lifecycle(self.state, registry, self.close, handle_sigterm)
 
     # ----------------------------------------------------------------------------------------------- hooks
     def watch(self, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer] = None) -> None:
@@ -249,6 +254,7 @@ class TrainingExporter:
         _check_count(where, "step", step)
         lrs = self._check_lr(lr)
         self._check_open(where)
+        self._lifecycle.stepped()
         try:
             self._log_step(loss, samples, grad_norm, lrs, step)
         except Exception as exc:
@@ -347,6 +353,7 @@ class TrainingExporter:
             for hook in self._hooks:
                 hook.remove()
             self._hooks.clear()
+            self._lifecycle.close()
             with self.state.lock:
                 for acc in self._accumulators.values():
                     acc.snapshot(self._reader, lambda v, when=time.time(): self.state.merge_steps(v, when))
@@ -360,12 +367,7 @@ class TrainingExporter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close("completed")
-        elif issubclass(exc_type, KeyboardInterrupt):
-            self.close("interrupted")
-        else:
-            self.close("failed")
+        self.close(self._lifecycle.exit_status(exc_type, exc))
 
     # ------------------------------------------------------------------------------------------- internals
     def _check_open(self, where: str) -> None:
@@ -419,3 +421,13 @@ class TrainingExporter:
                 self._apply(self._reader.poll())
         except Exception as exc:
             self._fault("collect", exc)
+
+    # ------------------------------------------------------------------------------------------- lifecycle
+    def phase(self, name: str) -> PhaseBlock:
+        """Mark what the loop does now ("eval", "checkpoint", ...): each phase has its own allowance in the
+        rules before the run counts as hung. Use ``with exp.phase("checkpoint"):`` to return to the phase
+        before at the end of the block; without ``with``, the phase lasts until the next ``phase()`` call.
+        A run is in "startup" until its first ``log_step`` and in "train" after it.
+        """
+        self._check_open("phase()")
+        return self._lifecycle.phase(name)

@@ -74,6 +74,10 @@ _DEFS = [
     Metric("training_exporter_errors_total", "counter", "Faults inside the exporter, caught before they reached "
            "training.", ("where",)),
     Metric("training_exporter_dropped_total", "counter", "Items dropped to bound label cardinality.", ("kind",)),
+    # Lifecycle: each phase has its own allowance before the rules call a run hung.
+    Metric("training_phase_start_timestamp_seconds", "gauge", "Unix time the current phase began (startup until "
+           "the first step, then train, or what exp.phase() marks: eval, checkpoint, ...); one series, labelled "
+           "with the current phase.", ("phase",)),
 ]
 
 METRICS: dict[str, Metric] = {m.name: m for m in _DEFS}

@@ -24,7 +24,7 @@ def duration_seconds(text: str) -> float:
 
 
 class Thresholds:
-    """A validated thresholds file; ``get("alerts.TrainingHung.after")`` returns a checked value."""
+    """A validated thresholds file; ``get("alerts.TrainingHung.floor")`` returns a checked value."""
 
     def __init__(self, data: Mapping[str, Any], source: str = "thresholds") -> None:
         if not isinstance(data, Mapping):

@@ -1,0 +1,237 @@
+"""The run's lifecycle in the training process: phases, the status a `with` block ends with, and SIGTERM with
+the handlers a process already has (the default one, torchrun's, a scheduler tool's), in real processes."""
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import urllib.request
+
+import pytest
+
+from exporter import TrainingExporter
+from exporter.lifecycle import MAX_PHASES
+
+from conftest import value
+
+
+def phase_of(registry, run="test-run"):
+    """(phase, start time) of the one phase series the exporter serves."""
+    samples = [s for m in registry.collect() if m.name == "training_phase_start_timestamp_seconds"
+               for s in m.samples if s.labels["run"] == run]
+    assert len(samples) == 1, samples
+    return samples[0].labels["phase"], samples[0].value
+
+
+# ------------------------------------------------------------------------------------------------- phases
+def test_startup_until_the_first_step_then_train(make_exporter, registry):
+    before = time.time()
+    exp = make_exporter()
+    phase, since = phase_of(registry)
+    assert phase == "startup" and before <= since <= time.time()
+    exp.log_step(loss=1.0)
+    phase, trained = phase_of(registry)
+    assert phase == "train" and trained >= since
+    exp.log_step(loss=1.0)
+    assert phase_of(registry) == ("train", trained)  # a step is not a new phase
+
+
+def test_phase_block_marks_the_phase_and_restores_the_one_before(make_exporter, registry):
+    exp = make_exporter()
+    exp.log_step(loss=1.0)
+    with exp.phase("checkpoint"):
+        phase, saving = phase_of(registry)
+        assert phase == "checkpoint"
+        with exp.phase("eval"):
+            assert phase_of(registry)[0] == "eval"
+        assert phase_of(registry)[0] == "checkpoint"
+    phase, back = phase_of(registry)
+    assert phase == "train" and back >= saving  # the train clock starts again after the save
+    exp.phase("eval")  # without `with`: until the next phase() call
+    exp.log_step(loss=1.0)
+    assert phase_of(registry)[0] == "eval"
+
+
+def test_phase_before_the_first_step_returns_to_startup(make_exporter, registry):
+    exp = make_exporter()
+    with exp.phase("data_loading"):
+        assert phase_of(registry)[0] == "data_loading"
+    assert phase_of(registry)[0] == "startup"
+
+
+def test_phase_names_are_checked_and_bounded(make_exporter, registry, caplog):
+    exp = make_exporter()
+    for bad in ("", "Eval", "eval step", "x" * 40, 3):
+        with pytest.raises(ValueError, match="phase"):
+            exp.phase(bad)
+    for i in range(MAX_PHASES - 2):  # startup and train are known from the start
+        exp.phase(f"p{i}")
+    exp.phase("one_too_many")
+    assert phase_of(registry)[0] == "other"
+    assert "one_too_many" in caplog.text
+    exp.close()
+    with pytest.raises(RuntimeError, match="after close"):
+        exp.phase("eval")
+
+
+# -------------------------------------------------------------------------------------------- exit status
+@pytest.mark.parametrize("body, status", [
+    ("sys.exit(0)", "completed"), ("sys.exit()", "completed"), ("sys.exit(2)", "failed"),
+    ("sys.exit('cannot load the data')", "failed"), ("raise KeyboardInterrupt", "interrupted"),
+    ("raise RuntimeError('CUDA out of memory')", "failed"), ("pass", "completed")])
+def test_with_block_ends_with_the_status_of_how_it_was_left(registry, body, status):
+    try:
+        with TrainingExporter(run="test-run", port=0, addr="127.0.0.1", registry=registry) as exp:
+            exec(body)
+    except (SystemExit, KeyboardInterrupt, RuntimeError):
+        pass
+    finally:
+        exp.close(stop_server=True)
+    assert value(registry, "training_run_status", status=status) == 1
+    assert value(registry, "training_run_status", status="running") == 0
+
+
+# ------------------------------------------------------------------------------------------------ SIGTERM
+def test_sigterm_handler_is_optional_and_removed_by_close(make_exporter):
+    before = signal.getsignal(signal.SIGTERM)
+    make_exporter(handle_sigterm=False)
+    assert signal.getsignal(signal.SIGTERM) is before
+    exp = make_exporter()
+    assert signal.getsignal(signal.SIGTERM) is not before
+    exp.close()
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_no_handler_from_a_thread_other_than_main(make_exporter):
+    before = signal.getsignal(signal.SIGTERM)
+    made = []
+    thread = threading.Thread(target=lambda: made.append(make_exporter()))
+    thread.start()
+    thread.join(timeout=60)
+    assert made and signal.getsignal(signal.SIGTERM) is before
+
+
+PROGRAM = """
+import logging, signal, sys, threading, time
+from exporter import TrainingExporter
+logging.basicConfig(level=logging.WARNING, format="%(message)s")
+stop = threading.Event()
+{before}
+exp = TrainingExporter(run="preempted", port=0, addr="127.0.0.1")
+try:
+    with exp:
+        print("port", exp.port, flush=True)
+        while not stop.is_set():
+            exp.log_step(loss=1.0)
+            time.sleep(0.01)
+        print("loop ended", flush=True)
+        sys.stdin.read()
+{after}
+"""
+
+
+def start(before="", after=""):
+    code = PROGRAM.format(before=textwrap.dedent(before), after=textwrap.dedent(after))
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    line = proc.stdout.readline().split()
+    assert line[:1] == ["port"], proc.communicate(timeout=60)
+    return proc, int(line[1])
+
+
+def scrape(port):
+    return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+
+
+def test_sigterm_with_the_default_handler_publishes_interrupted_then_ends_the_process():
+    proc, port = start(after="finally:\n    print('not reached', flush=True)\n")
+    try:
+        assert 'status="running"} 1.0' in scrape(port)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == -signal.SIGTERM, err  # the default action still ends the process
+    assert "not reached" not in out
+    assert "run 'preempted' rank 0 published status 'interrupted'" in err
+
+
+def test_sigterm_runs_the_previous_python_handler_and_training_may_go_on():
+    """As a scheduler tool's handler (checkpoint and requeue) does: it runs, the loop ends when it chooses, the
+    exporter serves "interrupted" meanwhile and the run ends interrupted, not completed."""
+    proc, port = start(before="""
+        def requeue(signum, frame):
+            print("previous handler ran", flush=True)
+            stop.set()
+        signal.signal(signal.SIGTERM, requeue)
+        """, after="""
+        finally:
+            print("final", exp.state.status, flush=True)
+        """)
+    try:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.stdout.readline().strip() == "previous handler ran"
+        assert proc.stdout.readline().strip() == "loop ended"
+        body = scrape(port)
+        assert 'training_run_status{rank="0",run="preempted",status="interrupted"} 1.0' in body
+        assert 'training_run_status{rank="0",run="preempted",status="running"} 0.0' in body
+        out, err = proc.communicate("", timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert out.strip() == "final interrupted", out + err
+
+
+def test_sigterm_with_torchruns_handler_raises_its_exception_and_publishes_interrupted():
+    """torchrun's agent installs a handler that raises SignalException in the main thread; it still does, and
+    the `with` block it leaves ends "interrupted", not "failed"."""
+    proc, port = start(before="""
+        from torch.distributed.elastic.multiprocessing.api import SignalException, _terminate_process_handler
+        signal.signal(signal.SIGTERM, _terminate_process_handler)
+        """, after="""
+        except SignalException as exc:
+            print("raised", type(exc).__name__, exc.sigval.name, flush=True)
+        print("final", exp.state.status, flush=True)
+        """)
+    try:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert out.splitlines()[-2:] == ["raised SignalException SIGTERM", "final interrupted"], out + err
+
+
+WORKER = """
+import logging, sys, time
+from exporter import TrainingExporter
+logging.basicConfig(level=logging.WARNING, format="%(message)s")
+with TrainingExporter(port=0, addr="127.0.0.1") as exp:
+    print("ready", exp.rank, flush=True)
+    while True:
+        exp.log_step(loss=1.0)
+        time.sleep(0.01)
+"""
+
+
+def test_torchrun_stopping_its_workers_reaches_every_rank(tmp_path):
+    """Real torchrun, two workers: SIGTERM to torchrun makes its handler stop the workers with SIGTERM; each
+    rank publishes "interrupted" and ends as the default handler ends it."""
+    script = tmp_path / "train.py"
+    script.write_text(WORKER)
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        ready = sorted(proc.stdout.readline().strip() for _ in range(2))
+        assert ready == ["ready 0", "ready 1"], proc.communicate(timeout=60)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    # torchrun's own handler ran: it stopped the workers and raised its exception, as without the exporter.
+    assert "shutting down workers" in err and "SignalException" in err and proc.returncode == 1, err
+    published = re.findall(r"run '([^']+)' rank (\d) published status 'interrupted'", err)
+    assert sorted(rank for _, rank in published) == ["0", "1"], err
+    assert len({run for run, _ in published}) == 1  # both ranks under torchrun's one run id
