@@ -58,7 +58,7 @@ def test_stable_uid_and_datasource_from_a_variable(name, uid):
     assert board["uid"] == uid
     datasources = [p["datasource"] for p in panels(board)] + \
                   [v["datasource"] for v in board["templating"]["list"] if "datasource" in v] + \
-                  [a["datasource"] for a in board["annotations"]["list"] if "expr" in a]
+                  [a["datasource"] for a in board["annotations"].get("list", []) if "expr" in a]
     assert datasources and all(ds == {"type": "prometheus", "uid": "${datasource}"} for ds in datasources)
     assert board["templating"]["list"][0]["type"] == "datasource"
 

@@ -148,7 +148,7 @@ def run_panels(t: Thresholds) -> Tuple[Row, ...]:
                   kind="stat", width=3),
         PanelSpec(f"Best {split} loss", f"Lowest {split} loss in the time range.",
                   (Query(extra["best_eval_loss"], "{{run}}"),), kind="stat", width=3),
-        PanelSpec("Learning rate", "Latest learning rate (largest over param groups).",
+        PanelSpec("Current learning rate", "Latest learning rate (largest over param groups).",
                   (Query(latest(f"training_learning_rate{{{rank}}}"), "{{run}}"),), unit="sci", kind="stat",
                   width=4),
         PanelSpec("Firing alerts", "Training alerts firing now, each linked to its runbook section (the seed's "
@@ -179,10 +179,10 @@ def run_panels(t: Thresholds) -> Tuple[Row, ...]:
                   (Query(f'avg by ({by}) (training_loss{{{rank}, split="train"}})', "{{run}}"),
                    Query(f"max by ({by}) (training_loss_recent_max{{{rank}}})", "{{run}} windowed max"),
                    Query(f"{spike:g} * run:training_loss_recent_max:baseline{{{sel}}}", "{{run}} spike threshold",
-                         "threshold"))),
+                         "threshold")), log_scale=True),
         PanelSpec("Spike ratio", "The windowed maximum over its usual level; the spike alert fires above "
                   f"{spike:g}.", (Query(f"run:training_loss:spike_ratio{{{sel}}}", "{{run}}"),),
-                  levels=(Level(spike, "TrainingLossSpike"),)),
+                  levels=(Level(spike, "TrainingLossSpike"),), log_scale=True),
         PanelSpec("Gradient norm", "Global L2 norm of the gradients before clipping: median over the explosion "
                   "window, largest single step, the explosion alert's relative threshold "
                   f"({explosion:g}x the baseline median) and its ceiling.",
@@ -231,7 +231,7 @@ def run_panels(t: Thresholds) -> Tuple[Row, ...]:
         PanelSpec("Step time per rank", "Mean wall time per step of each rank: a straggler stands out.",
                   (Query(f"run_rank:training_step_duration_seconds:mean{{{rank}}}", "{{run}} rank {{rank}}"),),
                   unit="s"),
-        PanelSpec("Step", "Global optimizer step: flat while the job runs means it is hung.",
+        PanelSpec("Global step", "Global optimizer step: flat while the job runs means it is hung.",
                   (Query(f"max by ({by}) (training_step{{{rank}}})", "{{run}}"),)),
         PanelSpec("Gradient norm per layer", "Gradient L2 norm of each layer group: which layers explode or vanish.",
                   (Query(f"max by ({by}, layer) (training_layer_grad_norm{{{rank}}})", "{{run}} {{layer}}"),),

@@ -107,6 +107,7 @@ def _draw(ax, spec: PanelSpec, lines: List[Line], title: str, percent) -> None:
             right = right or ax.twinx()
             right.plot(line.x, line.y, label=line.label, linewidth=1, color="tab:gray")
             right.set_ylabel(spec.right_unit.replace("suffix:", "").strip() if spec.right_unit else "")
+            right.legend(fontsize=7, loc="lower right")
         elif line.query.style == "bars":
             if np.nansum(line.y) > 0:
                 ax.vlines(line.x, 0, line.y, label=line.label, linewidth=2)
@@ -125,10 +126,11 @@ def _draw(ax, spec: PanelSpec, lines: List[Line], title: str, percent) -> None:
     ax.set_xlabel("step")
     if spec.unit.startswith("suffix:"):
         ax.set_ylabel(spec.unit.replace("suffix:", "").strip())
-    if lines:
-        ax.legend(fontsize=7)
-    else:
-        ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes, color="grey")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, loc="upper left" if right else "best")
+    if not any(line.y.size and np.nansum(np.abs(line.y)) > 0 for line in lines):
+        ax.text(0.5, 0.5, "none" if lines else "no data", ha="center", va="center", transform=ax.transAxes,
+                color="grey")
 
 
 def main(prometheus: str, run: str, thresholds: Thresholds, *, out: Path = Path("."), since: float = 3600.0,
