@@ -95,10 +95,10 @@ def _dashed_lines(panel, spec: PanelSpec):
     levels = _levels(spec)
     if not levels:
         return panel
-    colours = ["red", "orange"]
+    alert_colours = iter(["red", "orange"] * len(levels))
     steps = [sdk.models.Threshold(value=None, color="transparent")]
-    steps += [sdk.models.Threshold(value=x.value, color="text" if x.label == "zero" else colours[i % 2])
-              for i, x in enumerate(v for v in levels)]
+    steps += [sdk.models.Threshold(value=x.value, color="text" if x.label == "zero" else next(alert_colours))
+              for x in levels]
     return (panel.thresholds(sdk.dashboard.ThresholdsConfig().mode(sdk.models.ThresholdsMode.ABSOLUTE).steps(steps))
             .thresholds_style(sdk.common.GraphThresholdsStyleConfig()
                               .mode(sdk.common_models.GraphThresholdsStyleMode.DASHED)))
@@ -148,7 +148,9 @@ def _by_step(spec: PanelSpec, t: Thresholds):
         return (sdk.prometheus.Dataquery().expr(expr).range().format(sdk.prom_models.PromQueryFormat.TABLE)
                 .ref_id(ref))
 
-    x = f"{STEP_FIELD}\\run"
+    x = f"{STEP_FIELD}\\run"  # groupingToMatrix names its first column "<row field>\\<column field>"
+    # Each run's column has values only at its own steps, so its line joins its own points; on a step axis a
+    # crash ends the line, it leaves no gap to show.
     return (_graph(sdk.trend.Panel(), spec).span_nulls(True).show_points(sdk.common_models.VisibilityMode.NEVER)
             .with_target(table(step_by_run(t), "step")).with_target(table(f"max by (run) ({query.expr})", "value"))
             .with_transformation(_transform("merge", {}))
