@@ -95,6 +95,17 @@ def test_spike_panel_shows_the_one_step_spike(showcase):
     assert ratio.y.max() > t.number("alerts.TrainingLossSpike.factor")
 
 
+def test_non_finite_steps_are_counted_once_each(showcase):
+    """The bars of each interval add up to the exporter's own count: one event is one step, not 1.3."""
+    prom = showcase.stack.prometheus
+    end = time.time()
+    panel = next(p for p in board("training-run.json")["panels"] if p["title"] == "Non-finite steps")
+    bars = prom.query_range(fill(panel["targets"][0]["expr"], variables(showcase, end, run="demo-nan")),
+                            showcase.started, end, 2)
+    total = prom.query('max(last_over_time(training_loss_nonfinite_total{run="demo-nan"}[1h]))', end)[0]["value"]
+    assert total >= 1 and sum(v for _, v in bars[0]["values"]) == total
+
+
 def test_runs_overlay_by_step(showcase):
     """The by-step panel's own queries, paired as its transformations pair them (same instant, same run): each
     run's x is its step, so the same step has the same x whenever each run reached it."""

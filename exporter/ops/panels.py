@@ -83,6 +83,7 @@ def run_status(by: str, sel: str) -> str:
     last = f"last_over_time(training_run_status{{{sel}}}[$__range])"
     said_running = "last_over_time(training_run_status{" + sel + ', status="running"}[$__range])'
     scraped = f"max by ({by}) (training_run_status{{{sel}}})"
+    # An empty source label and regex: label_replace sets status="lost" on every series it is given.
     return (f'label_replace(max by ({by}) ({said_running} == 1) unless on ({by}) {scraped}, "status", "lost", "", "")'
             f" or on ({by}) max by ({by}, status) ({last} == 1)")
 
@@ -94,9 +95,9 @@ def runbook_labels(expr: str, runbook: str) -> str:
     return expr
 
 
-# Queries that stand in for series other work adds to the exporter; each is swapped for its replacement once that
-# series exists (the replacement is named beside it).
 def stand_ins(t: Thresholds) -> Dict[str, str]:
+    """Queries built from today's series that stand in for series the exporter is about to serve; each is swapped
+    for the replacement named beside it once that series exists. The panels read them from here only."""
     s = Selectors(t)
     split = t.text("eval_split")
     return {
