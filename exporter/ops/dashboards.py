@@ -319,6 +319,7 @@ def overview_dashboard(t: Thresholds) -> Dict:
     dashboard = sdk.dashboard
     s = Selectors(t)
     sel = s.scope
+    nonfinite = f"training_loss_nonfinite_total{{{sel}}}"
 
     def stat(title: str, expr: str, description: str, unit: str = "none"):
         return _stat(PanelSpec(title, description, (Query(expr, ""),), unit=unit, kind="stat", width=6), height=5)
@@ -337,9 +338,10 @@ def overview_dashboard(t: Thresholds) -> Dict:
                               "Runs seen in the time range, finished and crashed ones included."))
              .with_panel(stat("Firing alerts", f'count(ALERTS{{alertstate="firing", {sel}}}) or vector(0)',
                               "Training alerts firing now."))
-             .with_panel(stat("Non-finite steps", f"round(sum(increase(training_loss_nonfinite_total{{{sel}}}"
-                                                  "[$__range]))) or vector(0)",
-                              "Steps with a NaN/Inf loss in the time range, all runs."))
+             .with_panel(stat("Non-finite steps", f"sum(max_over_time({nonfinite}[$__range]) - min_over_time("
+                                                  f"{nonfinite}[$__range])) or vector(0)",
+                              "Steps with a NaN/Inf loss in the time range, all runs: the counters' own count, "
+                              "not an extrapolated increase."))
              .with_panel(_runs_table(t, "Runs", "Every run of the time range with its last status (lost: it said "
                                      "running and is no longer scraped), progress, losses and firing alerts; the "
                                      "run name opens its run dashboard over the run's own time range.",
