@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from exporter.metrics import sample_names
-from exporter.ops import dashboards, rules
-from exporter.ops.panels import all_panels, run_panels, stand_ins
+from exporter.ops import dashboards, report, rules
+from exporter.ops.panels import all_panels, fill, regex_literal, run_panels, stand_ins
 from exporter.ops.thresholds import Thresholds
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -269,3 +269,17 @@ def test_dashboards_name_only_defined_metrics():
             assert names <= known, (where, names - known)
     for expr in stand_ins(T).values():
         assert set(re.findall(r"[a-zA-Z_:]*training_[a-z_:]*", expr)) <= known
+
+
+def test_report_pairs_each_value_with_the_step_of_the_same_instant():
+    x, y = report.by_step([(0.0, 10), (2.0, 20), (4.0, 30)], [(2.0, 0.5), (4.0, 0.4), (6.0, 0.3)])
+    assert list(x) == [20, 30] and list(y) == [0.5, 0.4]
+
+
+def test_variables_filled_for_one_run_match_only_that_run():
+    run = 'lr3e-4.v2"x'
+    filled = fill('m{job=~"$job", run=~"$run"}[$__range] $other', {"job": "training", "run": regex_literal(run),
+                                                                   "__range": "5m"})
+    assert filled == 'm{job=~"training", run=~"lr3e-4\\\\.v2\\"x"}[5m] $other'
+    pattern = filled.split('run=~"')[1].split('"}')[0].replace('\\"', '"').replace("\\\\", "\\")
+    assert re.fullmatch(pattern, run) and not re.fullmatch(pattern, "lr3e-4Xv2\"x")
