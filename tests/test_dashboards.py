@@ -184,7 +184,8 @@ def test_panels_draw_the_alerts_thresholds_of_the_thresholds_file():
     spike = T.number(a + "TrainingLossSpike.factor")
     assert any(t["expr"].startswith(f"{spike:g} * run:training_loss_recent_max:baseline")
                for t in by_title(board, "Loss spikes")["targets"])
-    assert spike in [s["value"] for s in by_title(board, "Spike ratio")["fieldConfig"]["defaults"]["thresholds"]["steps"]]
+    ratio = by_title(board, "Spike ratio")["fieldConfig"]["defaults"]["thresholds"]["steps"]
+    assert spike in [s["value"] for s in ratio]
     slope = by_title(board, "Relative slope per 1,000 steps")
     assert slope["targets"][0]["expr"].startswith("1000 * run:training_loss:relative_slope")
     assert [s["value"] for s in slope["fieldConfig"]["defaults"]["thresholds"]["steps"][1:]] == \

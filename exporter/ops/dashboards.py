@@ -182,8 +182,8 @@ def _stat(spec: PanelSpec, height: int = 4):
     if spec.levels:
         steps = [sdk.models.Threshold(value=None, color="green")] + [
             sdk.models.Threshold(value=x.value, color="red") for x in spec.levels]
-        panel = (panel.thresholds(sdk.dashboard.ThresholdsConfig().mode(sdk.models.ThresholdsMode.ABSOLUTE).steps(steps))
-                 .color_mode(cm.BigValueColorMode.VALUE))
+        thresholds = sdk.dashboard.ThresholdsConfig().mode(sdk.models.ThresholdsMode.ABSOLUTE).steps(steps)
+        panel = panel.thresholds(thresholds).color_mode(cm.BigValueColorMode.VALUE)
     else:
         panel = panel.color_mode(cm.BigValueColorMode.NONE)
     return panel
@@ -231,9 +231,7 @@ def run_dashboard(t: Thresholds) -> Dict:
              .links(_links(t, OVERVIEW_UID, "Training overview")))
     for variable in _variables(t, with_run=True):
         board = board.with_variable(variable)
-    names = []
     for name, expr, colour, _ in annotations(t):
-        names.append(name)
         board = board.annotation(dashboard.AnnotationQuery().name(name).datasource(_datasource()).enable(True)
                                  .icon_color(colour).expr(expr))
     for row in run_panels(t):
@@ -260,7 +258,7 @@ def _overview_columns(t: Thresholds) -> Sequence[Tuple[str, str, str, str]]:
     def last(expr: str, how: str = "max") -> str:
         return f"{how} by ({by}) (last_over_time({expr}[$__range]))"
 
-    best = stand_ins(t)["best_eval_loss"].replace(s.run, sel)
+    best = stand_ins(t, sel)["best_eval_loss"]
     last_step = last(f"training_last_step_timestamp_seconds{{{sel}}}")
     start = f"min by ({by}) (min_over_time(training_run_start_timestamp_seconds{{{sel}}}[$__range]))"
     return (
@@ -321,8 +319,8 @@ def overview_dashboard(t: Thresholds) -> Dict:
     sel = s.scope
     nonfinite = f"training_loss_nonfinite_total{{{sel}}}"
 
-    def stat(title: str, expr: str, description: str, unit: str = "none"):
-        return _stat(PanelSpec(title, description, (Query(expr, ""),), unit=unit, kind="stat", width=6), height=5)
+    def stat(title: str, expr: str, description: str):
+        return _stat(PanelSpec(title, description, (Query(expr, ""),), kind="stat", width=6), height=5)
 
     board = (dashboard.Dashboard("Training overview").uid(OVERVIEW_UID).tags(["training"]).refresh("30s")
              .time("now-6h", "now").readonly().links(_links(t, RUN_UID, "Training run"))

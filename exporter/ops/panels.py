@@ -95,18 +95,21 @@ def runbook_labels(expr: str, runbook: str) -> str:
     return expr
 
 
-def stand_ins(t: Thresholds) -> Dict[str, str]:
+def stand_ins(t: Thresholds, sel: Optional[str] = None) -> Dict[str, str]:
     """Queries built from today's series that stand in for series the exporter is about to serve; each is swapped
-    for the replacement named beside it once that series exists. The panels read them from here only."""
+    for the replacement named beside it once that series exists. The panels read them from here only. ``sel``:
+    the label matchers (default: the selected runs)."""
     s = Selectors(t)
+    by, sel = s.by, sel if sel is not None else s.run
     split = t.text("eval_split")
     return {
         # -> min by (ids) (training_eval_loss_best{split=...}): the exporter's own best, exact even between scrapes.
-        "best_eval_loss": f'min by ({s.by}) (min_over_time(run:training_eval_loss:latest{{{s.run}, split="{split}"}}[$__range]))',
+        "best_eval_loss": f"min by ({by}) (min_over_time("
+                          f'run:training_eval_loss:latest{{{sel}, split="{split}"}}[$__range]))',
         # -> increase(training_evals_total[1m]) > 0: counts every evaluation, also two in one scrape interval.
-        "evaluations": f"max by ({s.by}, split) (changes(training_eval_step{{{s.run}}}[1m]) > 0)",
+        "evaluations": f"max by ({by}, split) (changes(training_eval_step{{{sel}}}[1m]) > 0)",
         # -> changes(training_last_nonfinite_timestamp_seconds[1m]) > 0: the moment of the last non-finite step.
-        "nonfinite": f"max by ({s.by}) (changes(training_loss_nonfinite_total{{{s.run}}}[1m]) > 0)",
+        "nonfinite": f"max by ({by}) (changes(training_loss_nonfinite_total{{{sel}}}[1m]) > 0)",
     }
 
 

@@ -34,7 +34,8 @@ class Line:
     query: Query
 
 
-def by_step(steps: Sequence[Tuple[float, float]], values: Sequence[Tuple[float, float]]) -> Tuple[np.ndarray, np.ndarray]:
+def by_step(steps: Sequence[Tuple[float, float]],
+            values: Sequence[Tuple[float, float]]) -> Tuple[np.ndarray, np.ndarray]:
     """Pair each (time, value) with the step at the same instant; instants without a step are dropped."""
     at = dict(steps)
     pairs = [(at[t], v) for t, v in values if t in at]
