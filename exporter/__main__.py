@@ -59,10 +59,9 @@ def _report(args: argparse.Namespace) -> int:
     from .ops import report
     from .ops.thresholds import Thresholds, duration_seconds
 
-    factor = Thresholds.load(Path(args.thresholds)).number("alerts.TrainingGradientExplosion.factor")
     try:
-        path = report.main(args.prometheus, args.run, out=Path(args.out), since=duration_seconds(args.since),
-                           job=args.job, explosion_factor=factor)
+        path = report.main(args.prometheus, args.run, Thresholds.load(Path(args.thresholds)), out=Path(args.out),
+                           since=duration_seconds(args.since), job=args.job)
     except (LookupError, OSError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -115,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--job", default=".+", help="regex of the scrape job (default any)")
     rep.add_argument("--out", default=".", help="folder for RUN.png (default the current folder)")
     rep.add_argument("--thresholds", default="deploy/prometheus/thresholds.yaml",
-                     help="thresholds YAML, for the explosion threshold drawn (default %(default)s)")
+                     help="thresholds YAML, for the alerts' thresholds drawn (default %(default)s)")
     rep.set_defaults(func=_report)
 
     rules = sub.add_parser("rules", help="generate the Prometheus recording and alerting rules from a thresholds file")

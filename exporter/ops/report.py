@@ -1,9 +1,10 @@
-"""The run dashboard's main panels as a PNG, drawn from Prometheus's range queries, without Grafana.
+"""The run dashboard's panels as a PNG, drawn from Prometheus's range queries against the step, without Grafana.
 
     python -m exporter report --prometheus http://localhost:9090 --run RUN [--since 1h] [--out DIR]
 
-Needs matplotlib (the ``report`` extra). The x-axis is the optimizer step, as the seed plots learning curves,
-taken from ``training_step`` at the same instants; the panels and their queries are those of ``panels.py``.
+Needs matplotlib (the ``report`` extra). The x-axis is the optimizer step, as the seed plots learning curves: each
+value is paired with the run's ``training_step`` at the same instant, as the dashboard's by-step panels pair them.
+The panels, their queries and the alerts' thresholds they draw are those of ``panels.py``.
 """
 from __future__ import annotations
 
@@ -11,101 +12,135 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .panels import PanelSpec, run_panels
+from .panels import PanelSpec, Query, Row, Selectors, fill, regex_literal, run_panels, step_by_run
 from .promapi import PrometheusClient
+from .thresholds import Thresholds
 
 _LEGEND = re.compile(r"\{\{\s*(\w+)\s*\}\}")
+DRAWN = ("timeseries", "by_step")
 
 
 @dataclass
 class Line:
-    """One plotted series: its legend, x (steps, or seconds when the run has no step series) and y."""
+    """One plotted series: its legend, x (steps) and y, and the query it came from."""
 
     label: str
     x: np.ndarray
     y: np.ndarray
+    query: Query
 
 
-def _fill(expr: str, run: str, job: str, rate_interval: str) -> str:
-    """The panel's query for one run: an exact run matcher, any rank."""
-    quoted = '"' + run.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    return (expr.replace('run=~"$run"', f"run={quoted}").replace("$job", job).replace("$rank", ".*")
-            .replace("$__rate_interval", rate_interval))
+def by_step(steps: Sequence[Tuple[float, float]],
+            values: Sequence[Tuple[float, float]]) -> Tuple[np.ndarray, np.ndarray]:
+    """Pair each (time, value) with the step at the same instant; instants without a step are dropped."""
+    at = dict(steps)
+    pairs = [(at[t], v) for t, v in values if t in at]
+    return (np.array([p[0] for p in pairs], dtype=float), np.array([p[1] for p in pairs], dtype=float))
 
 
-def fetch(client: PrometheusClient, run: str, *, start: float, end: float, job: str = ".+",
-          explosion_factor: float = 10.0, points: int = 400) -> Dict[str, List[Line]]:
-    """Range-query every report panel of ``run``: panel title -> lines (empty where the run has no data)."""
+def variables(t: Thresholds, run: str, job: str, start: float, end: float, step: float) -> Dict[str, str]:
+    """Values of the dashboard's variables for one run (exact), any rank, over ``start``..``end``."""
+    values = {label: ".*" for label in Selectors(t).labels}
+    values.update(run=regex_literal(run), job=job, rank=".*", __range=f"{max(1, int(end - start))}s",
+                  __interval=f"{step:g}s", __rate_interval=f"{max(4 * step, 4):g}s")
+    return values
+
+
+def report_rows(t: Thresholds) -> List[Row]:
+    """The rows of the run dashboard that the report draws (not the header of latest values)."""
+    rows = [Row(r.title, tuple(p for p in r.panels if p.kind in DRAWN and p.in_report)) for r in run_panels(t)]
+    return [r for r in rows if r.panels]
+
+
+def fetch(client: PrometheusClient, t: Thresholds, run: str, *, start: float, end: float, job: str = ".+",
+          points: int = 400) -> Dict[str, List[Line]]:
+    """Range-query every report panel of ``run``: panel title -> lines against the step (empty where no data)."""
     step = max(1.0, round((end - start) / points))
-    rate_interval = f"{int(max(4 * step, 4))}s"
-    steps = client.query_range(_fill('max by (run) (training_step{job=~"$job", run=~"$run"})', run, job, ""),
-                               start, end, step)
-    step_t, step_v = (np.array([p[i] for p in steps[0]["values"]]) for i in (0, 1)) if steps else (None, None)
+    values = variables(t, run, job, start, end, step)
+    steps = client.query_range(fill(step_by_run(t), values), start, end, step)
+    step_values = steps[0]["values"] if steps else []
     panels: Dict[str, List[Line]] = {}
-    for spec in run_panels(explosion_factor):
-        if not spec.in_report:
-            continue
-        lines = []
-        for query in spec.queries:
-            for series in client.query_range(_fill(query.expr, run, job, rate_interval), start, end, step):
-                t = np.array([p[0] for p in series["values"]])
-                y = np.array([p[1] for p in series["values"]])
-                x = np.interp(t, step_t, step_v) if step_t is not None else t - start
-                label = _LEGEND.sub(lambda m: series["metric"].get(m.group(1), ""), query.legend)
-                lines.append(Line(label, x, y))
-        panels[spec.title] = lines
+    for row in report_rows(t):
+        for spec in row.panels:
+            lines = []
+            for query in spec.queries:
+                for series in client.query_range(fill(query.expr, values), start, end, step):
+                    x, y = by_step(step_values, series["values"])
+                    label = _LEGEND.sub(lambda m: series["metric"].get(m.group(1), ""), query.legend)
+                    lines.append(Line(label, x, y, query))
+            panels[spec.title] = lines
     return panels
 
 
-def render(panels: Dict[str, List[Line]], specs: Dict[str, PanelSpec], title: str, path: Path,
-           x_label: str = "step") -> Path:
-    """Draw the panels on one grid and save it as PNG."""
+def render(panels: Dict[str, List[Line]], rows: Sequence[Row], title: str, path: Path) -> Path:
+    """Draw the panels, a row of the dashboard per line of the grid, and save it as PNG."""
     try:
         import matplotlib
     except ModuleNotFoundError as exc:
         raise ModuleNotFoundError("the report needs matplotlib: pip install 'training-exporter[report]'") from exc
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import PercentFormatter
 
-    cols = 3
-    rows = -(-len(panels) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 3.6 * rows), squeeze=False)
-    for ax, (name, lines) in zip(axes.flat, panels.items()):
-        spec = specs[name]
-        for line in lines:
-            ax.plot(line.x, line.y, label=line.label, linewidth=1)
-        if spec.zero_line:
-            ax.axhline(0, color="red", linestyle="--", linewidth=0.8)
-        if spec.log_scale and any((line.y > 0).any() for line in lines):
-            ax.set_yscale("log")
-        ax.set_title(name)
-        ax.set_xlabel(x_label)
-        if lines:
-            ax.legend(fontsize=7)
-        else:
-            ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes, color="grey")
-    for ax in list(axes.flat)[len(panels):]:
-        ax.axis("off")
+    cols = max(len(r.panels) for r in rows)
+    fig, axes = plt.subplots(len(rows), cols, figsize=(5.5 * cols, 3.4 * len(rows)), squeeze=False)
+    for row, ax_row in zip(rows, axes):
+        for spec, ax in zip(row.panels, ax_row):
+            _draw(ax, spec, panels.get(spec.title, []), f"{row.title}: {spec.title}", PercentFormatter)
+        for ax in ax_row[len(row.panels):]:
+            ax.axis("off")
     fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0, 1, 0.97))
+    fig.tight_layout(rect=(0, 0, 1, 0.98))
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
+    fig.savefig(path, dpi=70)
     plt.close(fig)
     return path
 
 
-def main(prometheus: str, run: str, *, out: Path = Path("."), since: float = 3600.0, end: Optional[float] = None,
-         job: str = ".+", explosion_factor: float = 10.0) -> Path:
+def _draw(ax, spec: PanelSpec, lines: List[Line], title: str, percent) -> None:
+    right = None
+    for line in lines:
+        if line.query.style == "right":
+            right = right or ax.twinx()
+            right.plot(line.x, line.y, label=line.label, linewidth=1, color="tab:gray")
+            right.set_ylabel(spec.right_unit.replace("suffix:", "").strip() if spec.right_unit else "")
+            right.legend(fontsize=7, loc="lower right")
+        elif line.query.style == "bars":
+            if np.nansum(line.y) > 0:
+                ax.vlines(line.x, 0, line.y, label=line.label, linewidth=2)
+        else:
+            ax.plot(line.x, line.y, label=line.label, linewidth=1,
+                    linestyle="--" if line.query.style == "threshold" else "-")
+    for i, level in enumerate(spec.levels):
+        ax.axhline(level.value, color=("red", "orange")[i % 2], linestyle="--", linewidth=0.9, label=level.label)
+    if spec.zero_line:
+        ax.axhline(0, color="grey", linestyle="--", linewidth=0.8)
+    if spec.log_scale and any((line.y > 0).any() for line in lines):
+        ax.set_yscale("log")
+    if spec.unit == "percentunit":
+        ax.yaxis.set_major_formatter(percent(1.0))
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel("step")
+    if spec.unit.startswith("suffix:"):
+        ax.set_ylabel(spec.unit.replace("suffix:", "").strip())
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, loc="upper left" if right else "best")
+    if not any(line.y.size and np.nansum(np.abs(line.y)) > 0 for line in lines):
+        ax.text(0.5, 0.5, "none" if lines else "no data", ha="center", va="center", transform=ax.transAxes,
+                color="grey")
+
+
+def main(prometheus: str, run: str, thresholds: Thresholds, *, out: Path = Path("."), since: float = 3600.0,
+         end: Optional[float] = None, job: str = ".+") -> Path:
     """Fetch and draw the report of ``run`` over the last ``since`` seconds; returns the PNG's path."""
     end = end if end is not None else time.time()
     client = PrometheusClient(prometheus)
-    panels = fetch(client, run, start=end - since, end=end, job=job, explosion_factor=explosion_factor)
+    panels = fetch(client, thresholds, run, start=end - since, end=end, job=job)
     if not any(panels.values()):
         raise LookupError(f"Prometheus at {prometheus} has no data for run {run!r} in the last {since:g}s")
-    specs = {s.title: s for s in run_panels(explosion_factor)}
     safe = re.sub(r"[^A-Za-z0-9_.-]", "_", run)
-    return render(panels, specs, f"Training run {run}", out / f"{safe}.png")
+    return render(panels, report_rows(thresholds), f"Training run {run}", out / f"{safe}.png")
