@@ -195,7 +195,7 @@ def test_panels_draw_the_alerts_thresholds_of_the_thresholds_file():
         [1000 * T.number(a + "TrainingPlateau.relative_improvement"),
          1000 * T.number(a + "TrainingLossDecreasingSlowly.relative_improvement")])
     hung = by_title(board, "Since last step")
-    assert hung["fieldConfig"]["defaults"]["thresholds"]["steps"][1]["value"] == T.seconds(a + "TrainingHung.after")
+    assert hung["fieldConfig"]["defaults"]["thresholds"]["steps"][1]["value"] == T.seconds(a + "TrainingHung.floor")
 
 
 def test_header_stats_read_the_whole_time_range_and_alerts_link_their_runbook():

@@ -141,9 +141,9 @@ def run_panels(t: Thresholds) -> Tuple[Row, ...]:
         PanelSpec("Epoch", "Current epoch.", (Query(latest(f"training_epoch{{{rank}}}"), "{{run}}"),),
                   kind="stat", width=2),
         PanelSpec("Since last step", "Time since the last completed step, at the end of the time range; red from "
-                  "the hung alert's threshold on.",
+                  "the hung alert's shortest allowance (its floor) on.",
                   (Query(f"time() - {latest(f'training_last_step_timestamp_seconds{{{rank}}}')}", "{{run}}"),),
-                  unit="s", kind="stat", levels=(Level(t.seconds(a + "TrainingHung.after"), "hung"),), width=3),
+                  unit="s", kind="stat", levels=(Level(t.seconds(a + "TrainingHung.floor"), "hung floor"),), width=3),
         PanelSpec("Train loss", "Latest train loss (one step, not smoothed).",
                   (Query(f'avg by ({by}) (last_over_time(training_loss{{{rank}, split="train"}}[$__range]))',
                          "{{run}}"),), kind="stat", width=3),
