@@ -18,6 +18,7 @@ from exporter.stack.servers import binary
 from promtool import (RULES_DIR, THRESHOLDS, alert_test, alerts_fired, input_series, load_recorded, synthetic,
                       write_and_run)
 
+LINKS = Thresholds.load(THRESHOLDS).get("links")
 RUN = {"job": "training", "instance": "node-1:9945", "run": "r1", "rank": "0"}
 CONTRACT_ALERTS = {"TrainingLossNotFinite": "critical", "TrainingGradientExplosion": "warning",
                    "TrainingLossSpike": "warning", "TrainingDiverging": "critical", "TrainingOverfitting": "warning",
@@ -30,7 +31,9 @@ def firing(alertname, description, **extra_labels):
     return {"exp_labels": {"severity": CONTRACT_ALERTS.get(alertname) or rules.SEVERITY[alertname],
                            "job": "training", "run": "r1", **extra_labels},
             "exp_annotations": {"summary": summary, "description": description,
-                                "runbook_url": f"deploy/runbook.md#alert-name-{alertname.lower()}"}}
+                                "runbook_url": f"{LINKS['runbook_url']}#alert-name-{alertname.lower()}",
+                                "dashboard_url": f"{LINKS['grafana_url']}/d/training-run/training-run"
+                                                 f"?var-job=training&var-run=r1"}}
 
 
 def _alerts():
@@ -75,7 +78,7 @@ def test_every_contract_alert_is_defined_with_severity_and_annotations():
     for name, severity in CONTRACT_ALERTS.items():
         rule = defined[name]
         assert rule["labels"]["severity"] == severity
-        assert set(rule["annotations"]) == {"summary", "description", "runbook_url"}
+        assert set(rule["annotations"]) == {"summary", "description", "runbook_url", "dashboard_url"}
         assert "{{ $labels.run }}" in rule["annotations"]["description"]
         assert "$value" in rule["annotations"]["description"]
         assert rule["for"], name

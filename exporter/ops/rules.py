@@ -8,11 +8,13 @@ The rules themselves live beside this module, one module per family of diagnoses
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, List, NamedTuple
+from typing import Any, Dict, List, NamedTuple, Optional
+from urllib.parse import urlsplit
 
 import yaml
 
-from .thresholds import Thresholds
+from .dashboards import OVERVIEW_UID, RUN_UID
+from .thresholds import Thresholds, ThresholdsError
 
 RECORDING_FILE = "training-recording.rules.yml"
 ALERTS_FILE = "training-alerts.rules.yml"
@@ -29,7 +31,18 @@ SEVERITY = {
     "TrainingLossDecreasingSlowly": "info",
     "TrainingHung": "critical",
     "TrainingTargetDown": "warning",
+    # One page for many runs of one scope failing alike.
+    "TrainingFleetHung": "critical",
+    "TrainingFleetTargetDown": "critical",
+    "TrainingFleetLossNotFinite": "critical",
+    # The delivery pipeline itself.
+    "Watchdog": "none",
+    "AlertmanagerNotificationsFailing": "critical",
 }
+
+# What an alert's ``dashboard_url`` opens: the run dashboard with the alert's job and run selected, the overview
+# with its job selected (fleet alerts), or nothing (alerts about the alerting pipeline).
+RUN_DASHBOARD, OVERVIEW_DASHBOARD = "run", "overview"
 
 
 class Alert(NamedTuple):
@@ -40,6 +53,7 @@ class Alert(NamedTuple):
     for_: str
     summary: str
     description: str
+    dashboard: Optional[str] = RUN_DASHBOARD
 
 
 def num(x: float) -> str:
@@ -66,8 +80,10 @@ def expr(text: str) -> str:
 
 def _families():
     # Imported here: the rule modules import the helpers above.
-    from . import lifecycle_rules, loss_rules
-    return (loss_rules, lifecycle_rules)
+    from . import fleet_rules, lifecycle_rules, loss_rules
+    # Fleet rules read the ALERTS series of the per-run alerts: they come after them in the group, so they see
+    # this evaluation's alerts.
+    return (loss_rules, lifecycle_rules, fleet_rules)
 
 
 def recording_rules(t: Thresholds) -> List[Dict[str, str]]:
@@ -75,22 +91,47 @@ def recording_rules(t: Thresholds) -> List[Dict[str, str]]:
     return [{"record": name, "expr": expr(text)} for family in _families() for name, text in family.recording(t).items()]
 
 
+def base_url(t: Thresholds, key: str) -> str:
+    """An absolute http(s) URL of the thresholds file, without a trailing slash: links must open from a phone."""
+    value = t.text(key)
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ThresholdsError(f"{t.source}: {key} must be an absolute http(s) URL, got {value!r}")
+    return value.rstrip("/")
+
+
+def dashboard_url(t: Thresholds, dashboard: Optional[str]) -> Optional[str]:
+    """The Grafana link of an alert, with the alert's own labels filled in by Prometheus's templating."""
+    if dashboard is None:
+        return None
+    grafana = base_url(t, "links.grafana_url")
+    job = "var-job={{ $labels.job | urlquery }}"
+    if dashboard == RUN_DASHBOARD:
+        return f"{grafana}/d/{RUN_UID}/training-run?{job}&var-run={{{{ $labels.run | urlquery }}}}"
+    return f"{grafana}/d/{OVERVIEW_UID}/training-overview?{job}"
+
+
 def alerting_rules(t: Thresholds) -> List[Dict[str, Any]]:
-    """The contract's alerts and the seed's other diagnoses, each with severity, summary, description, runbook."""
-    runbook = t.text("runbook_url")
+    """The contract's alerts, the seed's other diagnoses, the fleet and pipeline alerts, each with severity,
+    summary, description, runbook and (where it concerns runs) dashboard links."""
+    runbook = base_url(t, "links.runbook_url")
     out = []
     for alert in (a for family in _families() for a in family.alerts(t)):
         severity = t.text("alerts.TrainingPlateau.severity") if alert.name == "TrainingPlateau" else SEVERITY[alert.name]
+        annotations = {
+            "summary": alert.summary,
+            "description": alert.description,
+            "runbook_url": f"{runbook}#alert-name-{alert.name.lower()}",
+        }
+        dashboard = dashboard_url(t, alert.dashboard)
+        if dashboard is not None:
+            annotations["dashboard_url"] = dashboard
         out.append({
             "alert": alert.name,
             "expr": expr(alert.expr),
             "for": alert.for_,
             "labels": {"severity": severity},
-            "annotations": {
-                "summary": alert.summary,
-                "description": alert.description,
-                "runbook_url": f"{runbook}#alert-name-{alert.name.lower()}",
-            },
+            "annotations": annotations,
         })
     return out
 
