@@ -7,7 +7,11 @@ Each line: {"receiver": <URL path>, "status", "labels", "annotations", "group_ke
 import argparse
 import json
 import sys
+import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+_print_lock = threading.Lock()  # requests are served on threads: one whole line at a time
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -18,10 +22,13 @@ class Handler(BaseHTTPRequestHandler):
             self.send_response(400)
             self.end_headers()
             return
-        for alert in body.get("alerts", []):
-            print(json.dumps({"receiver": self.path.strip("/"), "status": alert.get("status"),
-                              "labels": alert.get("labels", {}), "annotations": alert.get("annotations", {}),
-                              "group_key": body.get("groupKey")}), flush=True)
+        lines = "".join(json.dumps({"receiver": self.path.strip("/"), "status": alert.get("status"),
+                                    "labels": alert.get("labels", {}), "annotations": alert.get("annotations", {}),
+                                    "group_key": body.get("groupKey")}) + "\n"
+                        for alert in body.get("alerts", []))
+        with _print_lock:
+            sys.stdout.write(lines)
+            sys.stdout.flush()
         self.send_response(200)
         self.end_headers()
 
