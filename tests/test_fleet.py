@@ -177,3 +177,49 @@ def test_local_config_follows_the_thresholds_it_is_given(tmp_path):
     fleet_route = next(r for r in config["route"]["routes"] if r["matchers"] == [alertmanager.FLEET_KINDS])
     assert fleet_route["group_wait"] == f"{FLEET_WINDOW}s"
     assert config["route"]["group_wait"] == "1s"
+
+
+def test_promtool_fleet_watchdog_and_failed_notifications(tmp_path):
+    """The shipped rules: the fleet alert fires for a scope with fleet_min_runs (5) hung runs, not for one with
+    4; the Watchdog always fires; failed sends fire, a flat failure counter does not."""
+    from exporter.ops.rules import base_url
+    from exporter.ops.thresholds import Thresholds
+    from promtool import RULES_DIR, THRESHOLDS, alert_test, write_and_run
+
+    t = Thresholds.load(THRESHOLDS)
+    runbook, grafana = base_url(t, "links.runbook_url"), base_url(t, "links.grafana_url")
+    hung = [{"series": f'ALERTS{{alertname="TrainingHung",alertstate="firing",cluster="{cluster}",job="training",'
+                       f'namespace="llm",run="r{i}",severity="critical"}}', "values": "1x20"}
+            for cluster, n in (("eu-1", 5), ("us-1", 4)) for i in range(n)]
+    failed = [{"series": 'alertmanager_notifications_failed_total{instance="am:9093",integration="slack",'
+                         'job="alertmanager"}', "values": "0x5 1+1x10"},
+              {"series": 'alertmanager_notifications_failed_total{instance="am:9093",integration="webhook",'
+                         'job="alertmanager"}', "values": "0x15"}]
+    fleet = {"exp_labels": {"alertname": "TrainingFleetHung", "severity": "critical", "cluster": "eu-1",
+                            "namespace": "llm", "job": "training"},
+             "exp_annotations": {
+                 "summary": "Many training runs of one scope are hung at once: one cause, one incident.",
+                 "description": "5 runs in cluster=eu-1 namespace=llm job=training fire TrainingHung (at least 5 "
+                                "make a fleet incident); their per-run notifications are held back. Look for the "
+                                "shared cause: storage, network, scheduler, a node pool, a bad data shard.",
+                 "runbook_url": f"{runbook}#alert-name-trainingfleethung",
+                 "dashboard_url": f"{grafana}/d/training-overview/training-overview?var-job=training"}}
+    failing = {"exp_labels": {"alertname": "AlertmanagerNotificationsFailing", "severity": "critical",
+                              "instance": "am:9093", "integration": "slack"},
+               "exp_annotations": {
+                   "summary": "Alertmanager fails to deliver notifications: alerts may reach nobody.",
+                   "description": "Alertmanager am:9093 failed 5 slack notification attempts in the last 10m.",
+                   "runbook_url": f"{runbook}#alert-name-alertmanagernotificationsfailing"}}
+    watchdog = {"exp_labels": {"alertname": "Watchdog", "severity": "none"}, "exp_annotations": {
+        "summary": "Always firing: the alerting pipeline works end to end.",
+        "description": "This alert always fires. A dead man's switch that stops receiving it knows that "
+                       "Prometheus, Alertmanager or the path between them is down.",
+        "runbook_url": f"{runbook}#alert-name-watchdog"}}
+    test = {"name": "fleet and pipeline", "interval": "1m", "input_series": hung + failed, "alert_rule_test": [
+        alert_test(5, "TrainingFleetHung", fleet),
+        alert_test(0, "Watchdog", watchdog),
+        alert_test(4, "AlertmanagerNotificationsFailing"),
+        alert_test(10, "AlertmanagerNotificationsFailing", failing),
+    ]}
+    result = write_and_run(tmp_path, [test], RULES_DIR)
+    assert result.returncode == 0, result.stdout + result.stderr
