@@ -1,7 +1,7 @@
 """Fleet incidents and inhibition across scopes, with the real Prometheus and Alertmanager: one page per incident.
 
 Time runs about 20 times faster than in production: the thresholds are the demo's second-scale ones, TrainingHung
-fires 4 s + 1 s after a run's last step, and the fleet window is 12 s (production: 5m). Every test prints the
+fires 6 s + 1 s after a run's last step, and the fleet window is 12 s (production: 5m). Every test prints the
 notifications it counted.
 """
 import json
@@ -27,7 +27,7 @@ def fast_thresholds(tmp_path, fleet_window=FLEET_WINDOW, **alerting):
     path = tmp_path / "thresholds.yaml"
     path.write_text(yaml.safe_dump({
         "extends": str(DEPLOY / "prometheus" / "thresholds-demo.yaml"),
-        "alerts": {"TrainingHung": {"after": "4s", "for": "1s"}},
+        "alerts": {"TrainingHung": {"after": "6s", "for": "1s"}},
         "alerting": {"fleet_min_runs": 5, "fleet_window": f"{fleet_window}s", "notifications_failed_window": "20s",
                      **alerting},
     }))
