@@ -182,6 +182,7 @@ def test_the_shipped_routing_passes_the_startup_check_but_for_the_secret_it_cann
     assert len(found) == 1 and found[0].startswith("secret file /etc/alertmanager/secrets/slack-webhook-url "), found
 
 
+@pytest.mark.e2e
 def test_a_failing_receiver_fires_the_failure_alert_to_another_receiver(tmp_path, capsys):
     thresholds = fast_thresholds(tmp_path)
     webhook = WebhookReceiver()
@@ -249,6 +250,7 @@ def local_command(service):
     return [sys.executable, *args[1:]]
 
 
+@pytest.mark.e2e
 def test_the_compose_receiver_run_on_loopback_gets_real_notifications(tmp_path, capsys):
     services = compose()["services"]
     config = shipped()

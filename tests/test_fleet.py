@@ -18,7 +18,6 @@ from exporter.ops.rules import write as write_rules
 from exporter.stack.servers import (DEPLOY, Alertmanager, Prometheus, WebhookReceiver, alertmanager_config,
                                     free_port, prometheus_config)
 
-pytestmark = pytest.mark.e2e
 FLEET_WINDOW = 12
 
 
@@ -88,6 +87,7 @@ class Runs:
             exp.close(stop_server=True)
 
 
+@pytest.mark.e2e
 def test_fifty_runs_stalling_together_page_once(tmp_path, capsys):
     thresholds = fast_thresholds(tmp_path)
     fleet = [f"shard-{i:02d}" for i in range(50)]
@@ -135,6 +135,7 @@ def test_fifty_runs_stalling_together_page_once(tmp_path, capsys):
         runs.close()
 
 
+@pytest.mark.e2e
 def test_two_clusters_with_one_run_name_do_not_inhibit_each_other(tmp_path, capsys):
     thresholds = fast_thresholds(tmp_path, fleet_window=3)
     webhook = WebhookReceiver()
