@@ -7,7 +7,7 @@ TORCH  ?= torch==2.13.0
 SERVER_BINS := prometheus promtool prometheus-alertmanager amtool prometheus-pushgateway docker-compose
 SERVER_PKGS := prometheus prometheus-alertmanager prometheus-pushgateway docker-compose
 
-.PHONY: demo test venv servers rules dashboards clean
+.PHONY: demo test venv servers rules dashboards check-alertmanager clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -43,6 +43,12 @@ rules: venv
 
 dashboards: venv
 	$(PY) -m exporter dashboards --thresholds deploy/prometheus/thresholds.yaml --out grafana/dashboards
+
+# Before (re)starting Alertmanager: routing as the thresholds say and every secret file present (the compose stack
+# mounts deploy/alertmanager at /etc/alertmanager).
+check-alertmanager: venv
+	$(PY) -m exporter check-alertmanager --config deploy/alertmanager/alertmanager.yml \
+	  --thresholds deploy/prometheus/thresholds.yaml --mount /etc/alertmanager=deploy/alertmanager
 
 clean:
 	rm -rf $(VENV) .demo

@@ -69,6 +69,18 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_alertmanager(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .ops import alertmanager
+
+    try:
+        return alertmanager.main(Path(args.config), Path(args.thresholds), args.mount)
+    except (OSError, ValueError) as exc:  # ThresholdsError is a ValueError
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .stack.demo import SCENARIOS
 
@@ -129,6 +141,19 @@ def build_parser() -> argparse.ArgumentParser:
                         help="thresholds YAML, for the thresholds the panels draw (default %(default)s)")
     boards.add_argument("--out", default="grafana/dashboards", help="folder for the JSON files (default %(default)s)")
     boards.set_defaults(func=_dashboards)
+
+    check = sub.add_parser("check-alertmanager", help="check an Alertmanager configuration before it starts: "
+                                                      "routing as the thresholds say, every secret file present",
+                           description="Exit 1 when the configuration's route or inhibit_rules differ from what the "
+                                       "thresholds file's identity labels and fleet window give, or when a secret "
+                                       "file it references (api_url_file, password_file, ...) is missing or empty: "
+                                       "Alertmanager would start and fail every send through it.")
+    check.add_argument("--config", default="deploy/alertmanager/alertmanager.yml", help="default %(default)s")
+    check.add_argument("--thresholds", default="deploy/prometheus/thresholds.yaml", help="default %(default)s")
+    check.add_argument("--mount", action="append", default=[], metavar="CONTAINER_DIR=LOCAL_DIR",
+                       help="where a folder the configuration names lies here, as a container mounts it "
+                            "(e.g. /etc/alertmanager=deploy/alertmanager); repeatable")
+    check.set_defaults(func=_check_alertmanager)
     return parser
 
 

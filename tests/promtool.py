@@ -6,11 +6,14 @@ import math
 import re
 import subprocess
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence
+from urllib.parse import quote_plus
+from typing import Dict, Iterable, List, Optional
 
 import yaml
 
 from exporter.ops import rules
+from exporter.ops.links import base_url
+from exporter.ops.thresholds import Thresholds
 from exporter.stack.servers import binary
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -69,7 +72,9 @@ def process_series(n: int, *, running: Iterable[float] = (), start: float = 0.0)
 
 def fired(test_name: str, minutes: int) -> Dict:
     """A promql test whose result lists every (alertname, severity) that fired at any time of the test."""
-    return {"expr": f'group by (alertname, severity, run) (count_over_time(ALERTS{{alertstate="firing"}}[{minutes}m]))',
+    # The Watchdog fires always, by design: it says nothing about the run.
+    return {"expr": f'group by (alertname, severity, run) '
+                    f'(count_over_time(ALERTS{{alertstate="firing", alertname!="Watchdog"}}[{minutes}m]))',
             "eval_time": f"{minutes}m"}
 
 
@@ -148,3 +153,18 @@ def synthetic(minutes: int, loss=lambda step: 1.0, *, steps_per_minute: int = 60
 def alert_test(eval_minute: int, alertname: str, *expected: Dict) -> Dict:
     """An alert_rule_test at ``eval_minute``: ``expected`` are dicts of exp_labels/exp_annotations."""
     return {"eval_time": f"{eval_minute}m", "alertname": alertname, "exp_alerts": list(expected)}
+
+
+def firing(alertname: str, description: str, **labels: str) -> Dict[str, Dict[str, str]]:
+    """The exact labels and annotations of ``alertname`` firing for run r1 of job "training" (``labels`` added or
+    overriding), as promtool expects them: summary from the generated rules, links from the thresholds file."""
+    t = Thresholds.load(THRESHOLDS)
+    rule = next(r for r in rules.alerting_rules(t) if r["alert"] == alertname)
+    labels = {"job": "training", "run": "r1", **labels}
+    identity = [x.strip() for x in t.identity.split(",")]
+    query = "&".join(f"var-{x}={quote_plus(labels.get(x, ''))}" for x in identity)
+    return {"exp_labels": {"severity": rule["labels"]["severity"], **labels},
+            "exp_annotations": {"summary": rule["annotations"]["summary"], "description": description,
+                                "runbook_url": f"{base_url(t, 'links.runbook_url')}#alert-name-{alertname.lower()}",
+                                "dashboard_url": f"{base_url(t, 'links.grafana_url')}/d/training-run/training-run"
+                                                 f"?{query}"}}

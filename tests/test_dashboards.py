@@ -8,6 +8,7 @@ import pytest
 
 from exporter.metrics import sample_names
 from exporter.ops import dashboards, report, rules
+from exporter.ops.links import base_url
 from exporter.ops.panels import all_panels, fill, regex_literal, run_panels, stand_ins
 from exporter.ops.thresholds import Thresholds
 
@@ -209,7 +210,7 @@ def test_header_stats_read_the_whole_time_range_and_alerts_link_their_runbook():
     alerts = by_title(board, "Firing alerts")
     expr = alerts["targets"][0]["expr"]
     for name in rules.SEVERITY:
-        assert f'"{T.text("runbook_url")}#alert-name-{name.lower()}", "alertname", "{name}"' in expr
+        assert f'"{base_url(T, "links.runbook_url")}#alert-name-{name.lower()}", "alertname", "{name}"' in expr
     links = {o["matcher"]["options"]: o["properties"] for o in alerts["fieldConfig"]["overrides"]}
     assert links["alertname"][0]["value"][0]["url"] == "${__data.fields.runbook}"
 
@@ -220,7 +221,8 @@ def test_annotations_for_events_and_alerts_by_severity():
     assert {"Evaluations", "Epochs", "Restarts and resumes", "Non-finite steps"} <= set(annotations)
     severities = {a["expr"].split('severity="')[1].split('"')[0]: a["iconColor"]
                   for a in annotations.values() if a["expr"].startswith("ALERTS")}
-    assert set(severities) == set(rules.SEVERITY.values()) | {"critical", "warning", "info"}
+    # Every severity a run's alert can have; "none" is the Watchdog's, which concerns no run.
+    assert set(severities) == (set(rules.SEVERITY.values()) - {"none"}) | {"critical", "warning", "info"}
     assert len(set(severities.values())) == len(severities), "one colour per severity"
 
 
@@ -228,7 +230,7 @@ def test_dashboards_link_each_other_and_the_runbook():
     for name, other in (("training-run.json", "training-overview"), ("training-overview.json", "training-run")):
         links = load(name)["links"]
         assert links[0]["url"] == f"/d/{other}" and links[0]["keepTime"] and links[0]["includeVars"]
-        assert links[1]["url"] == T.text("runbook_url")
+        assert links[1]["url"] == base_url(T, "links.runbook_url")
 
 
 def test_overview_lists_runs_of_the_whole_range_and_links_them_with_their_time_range():

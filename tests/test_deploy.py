@@ -5,7 +5,7 @@ from pathlib import Path
 import yaml
 
 from exporter.ops import rules
-from exporter.ops.thresholds import Thresholds, ThresholdsError, duration_seconds
+from exporter.ops.thresholds import Thresholds
 from exporter.stack.servers import binary
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -19,7 +19,7 @@ from exporter import TrainingExporter
 from exporter.ops import rules
 from exporter.ops.thresholds import Thresholds, ThresholdsError
 from exporter.stack.servers import DEPLOY, Prometheus, free_port
-from promtool import THRESHOLDS, alert_test, fired, generated_rules, write_and_run
+from promtool import THRESHOLDS, alert_test, fired, firing, generated_rules, write_and_run
 
 STATUSES = ("running", "completed", "failed", "interrupted")
 
@@ -106,13 +106,6 @@ def check(tmp_path, series, tests, rule_dir=None):
     group = {"name": "row", "interval": "1m", "input_series": series, "alert_rule_test": tests}
     result = write_and_run(tmp_path, [group], *([rule_dir] if rule_dir else []))
     assert result.returncode == 0, result.stdout + result.stderr
-
-
-def firing(alertname, description, **labels):
-    summary = next(a for a in rules.alerting_rules(Thresholds.load(THRESHOLDS)) if a["alert"] == alertname)["annotations"]["summary"]
-    return {"exp_labels": {"severity": rules.SEVERITY[alertname], "job": "training", "run": "r1", **labels},
-            "exp_annotations": {"summary": summary, "description": description,
-                                "runbook_url": f"deploy/runbook.md#alert-name-{alertname.lower()}"}}
 
 
 def down(description_minutes: str, **labels):

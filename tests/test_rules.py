@@ -15,22 +15,13 @@ from exporter.ops.thresholds import Thresholds, ThresholdsError, duration_second
 from exporter.__main__ import main as cli
 from exporter.metrics import sample_names
 from exporter.stack.servers import binary
-from promtool import (RULES_DIR, THRESHOLDS, alert_test, alerts_fired, input_series, load_recorded, synthetic,
+from promtool import (RULES_DIR, THRESHOLDS, alert_test, alerts_fired, firing, input_series, load_recorded, synthetic,
                       write_and_run)
 
 RUN = {"job": "training", "instance": "node-1:9945", "run": "r1", "rank": "0"}
 CONTRACT_ALERTS = {"TrainingLossNotFinite": "critical", "TrainingGradientExplosion": "warning",
                    "TrainingLossSpike": "warning", "TrainingDiverging": "critical", "TrainingOverfitting": "warning",
                    "TrainingPlateau": "info", "TrainingHung": "critical", "TrainingTargetDown": "warning"}
-
-
-def firing(alertname, description, **extra_labels):
-    """The exact labels and annotations of ``alertname`` firing for run r1, as promtool expects them."""
-    summary = next(r for r in _alerts() if r["alert"] == alertname)["annotations"]["summary"]
-    return {"exp_labels": {"severity": CONTRACT_ALERTS.get(alertname) or rules.SEVERITY[alertname],
-                           "job": "training", "run": "r1", **extra_labels},
-            "exp_annotations": {"summary": summary, "description": description,
-                                "runbook_url": f"deploy/runbook.md#alert-name-{alertname.lower()}"}}
 
 
 def _alerts():
@@ -75,7 +66,7 @@ def test_every_contract_alert_is_defined_with_severity_and_annotations():
     for name, severity in CONTRACT_ALERTS.items():
         rule = defined[name]
         assert rule["labels"]["severity"] == severity
-        assert set(rule["annotations"]) == {"summary", "description", "runbook_url"}
+        assert set(rule["annotations"]) == {"summary", "description", "runbook_url", "dashboard_url"}
         assert "{{ $labels.run }}" in rule["annotations"]["description"]
         assert "$value" in rule["annotations"]["description"]
         assert rule["for"], name

@@ -13,11 +13,10 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Dict, List, Sequence, Tuple
 
+from .links import OVERVIEW_UID, RUN_UID, base_url
 from .panels import Level, PanelSpec, Query, Selectors, annotations, run_panels, run_status, stand_ins, step_by_run
 from .thresholds import Thresholds
 
-RUN_UID = "training-run"
-OVERVIEW_UID = "training-overview"
 DATASOURCE = "${datasource}"
 # The by-step panels pair each value with the step of the same run at the same instant (two table queries
 # merged on time and run), then make one column per run against the step: the trend panel's x field.
@@ -216,7 +215,7 @@ def _links(t: Thresholds, to: str, title: str):
     return [
         dashboard.DashboardLink(title).type(models.DashboardLinkType.DASHBOARDS).tags(["training"])
         .as_dropdown(False).include_vars(True).keep_time(True).icon("dashboard").url(f"/d/{to}"),
-        dashboard.DashboardLink("Runbook").type(models.DashboardLinkType.LINK).url(t.text("runbook_url"))
+        dashboard.DashboardLink("Runbook").type(models.DashboardLinkType.LINK).url(base_url(t, "links.runbook_url"))
         .icon("doc").target_blank(True).tooltip("What each training alert means and what to do about it"),
     ]
 

@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass
 from typing import Dict, Mapping, Optional, Tuple
 
+from .links import base_url
 from .rules import SEVERITY
 from .thresholds import Thresholds
 
@@ -157,7 +158,7 @@ def run_panels(t: Thresholds) -> Tuple[Row, ...]:
                   width=4),
         PanelSpec("Firing alerts", "Training alerts firing now, each linked to its runbook section (the seed's "
                   "remedies).",
-                  (Query(runbook_labels(f'ALERTS{{alertstate="firing", {sel}}}', t.text("runbook_url")), ""),),
+                  (Query(runbook_labels(f'ALERTS{{alertstate="firing", {sel}}}', base_url(t, "links.runbook_url")), ""),),
                   kind="alerts", width=24),
     ))
     by_step = Row("Loss by step", (

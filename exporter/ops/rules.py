@@ -8,10 +8,11 @@ The rules themselves live beside this module, one module per family of diagnoses
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, List, NamedTuple
+from typing import Any, Dict, List, NamedTuple, Optional
 
 import yaml
 
+from .links import RUN_DASHBOARD, base_url, dashboard_url
 from .thresholds import Thresholds
 
 RECORDING_FILE = "training-recording.rules.yml"
@@ -29,8 +30,14 @@ SEVERITY = {
     "TrainingLossDecreasingSlowly": "info",
     "TrainingHung": "critical",
     "TrainingTargetDown": "warning",
+    # One page for many runs of one scope failing alike.
+    "TrainingFleetHung": "critical",
+    "TrainingFleetTargetDown": "critical",
+    "TrainingFleetLossNotFinite": "critical",
+    # The delivery pipeline itself.
+    "Watchdog": "none",
+    "AlertmanagerNotificationsFailing": "critical",
 }
-
 
 class Alert(NamedTuple):
     """One alerting rule before rendering: its severity comes from ``SEVERITY`` (or the thresholds file)."""
@@ -40,6 +47,7 @@ class Alert(NamedTuple):
     for_: str
     summary: str
     description: str
+    dashboard: Optional[str] = RUN_DASHBOARD
 
 
 def num(x: float) -> str:
@@ -66,8 +74,10 @@ def expr(text: str) -> str:
 
 def _families():
     # Imported here: the rule modules import the helpers above.
-    from . import lifecycle_rules, loss_rules
-    return (loss_rules, lifecycle_rules)
+    from . import fleet_rules, lifecycle_rules, loss_rules
+    # Fleet rules read the ALERTS series of the per-run alerts: they come after them in the group, so they see
+    # this evaluation's alerts.
+    return (loss_rules, lifecycle_rules, fleet_rules)
 
 
 def recording_rules(t: Thresholds) -> List[Dict[str, str]]:
@@ -76,21 +86,26 @@ def recording_rules(t: Thresholds) -> List[Dict[str, str]]:
 
 
 def alerting_rules(t: Thresholds) -> List[Dict[str, Any]]:
-    """The contract's alerts and the seed's other diagnoses, each with severity, summary, description, runbook."""
-    runbook = t.text("runbook_url")
+    """The contract's alerts, the seed's other diagnoses, the fleet and pipeline alerts, each with severity,
+    summary, description, runbook and (where it concerns runs) dashboard links."""
+    runbook = base_url(t, "links.runbook_url")
     out = []
     for alert in (a for family in _families() for a in family.alerts(t)):
         severity = t.text("alerts.TrainingPlateau.severity") if alert.name == "TrainingPlateau" else SEVERITY[alert.name]
+        annotations = {
+            "summary": alert.summary,
+            "description": alert.description,
+            "runbook_url": f"{runbook}#alert-name-{alert.name.lower()}",
+        }
+        dashboard = dashboard_url(t, alert.dashboard)
+        if dashboard is not None:
+            annotations["dashboard_url"] = dashboard
         out.append({
             "alert": alert.name,
             "expr": expr(alert.expr),
             "for": alert.for_,
             "labels": {"severity": severity},
-            "annotations": {
-                "summary": alert.summary,
-                "description": alert.description,
-                "runbook_url": f"{runbook}#alert-name-{alert.name.lower()}",
-            },
+            "annotations": annotations,
         })
     return out
 

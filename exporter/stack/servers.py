@@ -133,13 +133,15 @@ DEPLOY = REPO / "deploy"
 
 
 class WebhookReceiver:
-    """An Alertmanager webhook receiver on loopback that keeps every alert it is sent, with its arrival time."""
+    """An Alertmanager webhook receiver on loopback that keeps every alert it is sent, with its arrival time, and
+    every notification (one POST: one group of alerts)."""
 
     def __init__(self) -> None:
         import threading
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
         self.received: List[Dict[str, Any]] = []
+        self.notifications: List[Dict[str, Any]] = []
         self._lock = threading.Lock()
         outer = self
 
@@ -147,9 +149,13 @@ class WebhookReceiver:
             def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
                 now = time.time()
+                receiver = self.path.strip("/")
                 with outer._lock:
+                    outer.notifications.append({"received": now, "receiver": receiver, "status": body.get("status"),
+                                                "group_labels": body.get("groupLabels", {}),
+                                                "alerts": len(body.get("alerts", []))})
                     for alert in body.get("alerts", []):
-                        outer.received.append({"received": now, "receiver": self.path.strip("/"),
+                        outer.received.append({"received": now, "receiver": receiver,
                                                "status": alert.get("status"), "labels": alert.get("labels", {}),
                                                "annotations": alert.get("annotations", {})})
                 self.send_response(200)
@@ -168,6 +174,12 @@ class WebhookReceiver:
         with self._lock:
             return [a for a in self.received if a["status"] == "firing"
                     and all(a["labels"].get(k) == v for k, v in labels.items())]
+
+    def firing_notifications(self, receiver: Optional[str] = None) -> List[Dict[str, Any]]:
+        """Notifications of firing groups received so far (to ``receiver`` only, if given)."""
+        with self._lock:
+            return [n for n in self.notifications
+                    if n["status"] == "firing" and receiver in (None, n["receiver"])]
 
     def stop(self) -> None:
         self._server.shutdown()
@@ -203,19 +215,33 @@ def prometheus_config(workdir: Path, targets: Sequence[str], rule_dir: Path, ale
     return path
 
 
-def alertmanager_config(workdir: Path, webhook_url: str) -> Path:
+def alertmanager_config(workdir: Path, webhook_url: str, thresholds: Optional[Path] = None,
+                        silent: Sequence[str] = ("watchdog",)) -> Path:
     """deploy/alertmanager/alertmanager.yml for a local stack: the same routes, grouping and inhibition, every
-    notifying receiver sending to ``webhook_url``/<receiver>, and second-scale grouping delays."""
+    notifying receiver sending to ``webhook_url``/<receiver> except those in ``silent`` (the demo has no dead
+    man's switch), and second-scale grouping delays. With ``thresholds``, the routing is what that file gives
+    (``exporter.ops.alertmanager.routing``), the fleet kinds waiting its fleet window; without, they wait 1s."""
     import yaml
+
+    from ..ops.alertmanager import FLEET_KINDS, routing
+    from ..ops.thresholds import Thresholds
 
     config = yaml.safe_load((DEPLOY / "alertmanager" / "alertmanager.yml").read_text())
     config["templates"] = [str(DEPLOY / "alertmanager" / t) for t in config.get("templates", [])]
+    t = Thresholds.load(thresholds) if thresholds is not None else None
+    if t is not None:
+        config.update(routing(t))
     config["route"].update(group_wait="1s", group_interval="2s", repeat_interval="1h")
+    for route in config["route"]["routes"]:
+        if route.get("matchers") == [FLEET_KINDS]:
+            route["group_wait"] = t.duration("alerting.fleet_window") if t is not None else "1s"
     for receiver in config["receivers"]:
         if len(receiver) > 1:  # it notifies someone: send it here instead
             name = receiver["name"]
             receiver.clear()
-            receiver.update(name=name, webhook_configs=[{"url": f"{webhook_url}/{name}", "send_resolved": True}])
+            receiver["name"] = name
+            if name not in silent:
+                receiver["webhook_configs"] = [{"url": f"{webhook_url}/{name}", "send_resolved": True}]
     workdir.mkdir(parents=True, exist_ok=True)
     path = workdir / "alertmanager.yml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
