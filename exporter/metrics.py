@@ -83,6 +83,9 @@ _DEFS = [
     Metric("training_evals_since_best", "gauge", "Evaluations with a loss since the best one of each split (0 at the "
            "best).", ("split",)),
     # Gradient detail.
+    Metric("training_grad_norm_shard_squared", "gauge", "This rank's share of the squared global gradient norm at "
+           "the last step, when gradients are sharded (FSDP2 DTensors); the ranks' values sum to the global "
+           "norm squared (recording rule run:training_grad_norm:global). Absent without sharded gradients."),
     Metric("training_grad_mean", "gauge", "Mean over parameters of each gradient's mean (sampled every "
            "detail_every optimizer steps)."),
     Metric("training_layer_grad_norm", "gauge", "L2 norm of the gradients of each layer group at the last step.",
