@@ -1,0 +1,342 @@
+"""The loop-shape matrix: each row a real short CPU training run in one of the loop shapes real code uses.
+
+Each row checks what the exporter published against a float64 reference computed by the loop itself: the step,
+the mean loss, the last and the mean gradient norm, the non-finite and skipped counts. Its scrapes, replayed in
+promtool one minute apart (two hours), raise no alert; the same run with one NaN loss fires
+TrainingLossNotFinite. Run with ``-s`` to see the matrix rows.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
+
+import pytest
+import torch
+from prometheus_client import CollectorRegistry
+from torch import nn
+
+from exporter import TrainingExporter
+from promtool import alerts_fired, process_series
+
+STEPS = 240  # optimizer steps per row
+SCRAPE_EVERY = 2  # loop iterations between two scrapes: 120 scrapes, replayed one minute apart
+NAN_AT = 149  # a logging iteration of every row, interval logging's included
+LABELS = {"job": "training", "instance": "node-1:9945", "rank": "0"}
+
+
+def model_of(width: int = 16, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(8, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 2))
+
+
+TARGET = torch.Generator().manual_seed(1)
+W_TRUE = torch.randn(8, 2, generator=TARGET)
+
+
+def batch(n: int = 16):
+    x = torch.randn(n, 8)
+    return x, x @ W_TRUE + 0.3 * torch.randn(n, 2)
+
+
+def norm64(params) -> float:
+    """The float64 reference of the global gradient norm of ``params``."""
+    return math.sqrt(sum(float((p.grad.double() ** 2).sum()) for p in params if p.grad is not None))
+
+
+@dataclass
+class Ref:
+    """What the loop knows in float64: one entry per optimizer step."""
+
+    steps: int = 0
+    losses: List[float] = field(default_factory=list)  # the loss of each optimizer step with a finite one
+    norms: List[float] = field(default_factory=list)  # the norm of each optimizer step taken
+    loss_nonfinite: int = 0
+    skipped: int = 0
+
+
+@dataclass
+class Row:
+    """A run: the exporter, its registry, the reference and the scrapes taken along the way."""
+
+    name: str
+    nan_at: Optional[int]
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+    ref: Ref = field(default_factory=Ref)
+    scrapes: List[Dict[str, float]] = field(default_factory=list)
+    exp: TrainingExporter = None
+
+    def __post_init__(self):
+        self.exp = TrainingExporter(run=self.name, port=0, addr="127.0.0.1", registry=self.registry,
+                                    max_window=90.0)
+
+    def logged(self, i: int, loss: torch.Tensor) -> torch.Tensor:
+        """The loss the loop logs at iteration ``i``: NaN once in the injected variant."""
+        return loss.detach() * float("nan") if i == self.nan_at else loss.detach()
+
+    def scrape(self) -> None:
+        sample = {}
+        for family in self.registry.collect():  # a real collection, as a scrape runs it
+            for s in family.samples:
+                if s.name.startswith("training_") and s.name != "training_run_info":
+                    extra = {k: v for k, v in s.labels.items() if k not in ("run", "rank")}
+                    key = s.name + ("{" + ",".join(f'{k}="{v}"' for k, v in sorted(extra.items())) + "}"
+                                    if extra else "")
+                    sample[key] = s.value
+        self.scrapes.append(sample)
+
+    def value(self, name: str, **labels) -> Optional[float]:
+        return self.registry.get_sample_value(name, {"run": self.name, "rank": "0", **labels})
+
+    def series(self) -> Dict[str, list]:
+        keys = sorted({k for s in self.scrapes for k in s})
+        out = {k: [s.get(k) for s in self.scrapes] for k in keys}
+        # Replayed one scrape a minute: the step's wall clock becomes the replay's.
+        out["training_last_step_timestamp_seconds"] = [minute * 60.0 if s.get("training_step") else None
+                                                       for minute, s in enumerate(self.scrapes)]
+        out["training_run_start_timestamp_seconds"] = [0.0] * len(self.scrapes)
+        if "training_last_nonfinite_timestamp_seconds" in out:
+            first = next(m for m, v in enumerate(out["training_last_nonfinite_timestamp_seconds"]) if v is not None)
+            out["training_last_nonfinite_timestamp_seconds"] = [
+                None if m < first else first * 60.0 for m in range(len(self.scrapes))]
+        out.update({k: v for k, v in process_series(len(self.scrapes)).items() if k not in out or k == "up"})
+        return out
+
+
+# ------------------------------------------------------------------------------------------------ the loops
+def plain(row: Row, clip: bool = False, autocast: bool = False) -> None:
+    model = model_of()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.02)
+    row.exp.watch(model, optimizer)
+    for i in range(STEPS):
+        x, y = batch()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = nn.functional.mse_loss(model(x).float(), y)
+        optimizer.zero_grad()
+        loss.backward()
+        norm = norm64(model.parameters())
+        pre_clip = nn.utils.clip_grad_norm_(model.parameters(), 1.0) if clip else None
+        optimizer.step()
+        row.exp.log_step(loss=row.logged(i, loss), samples=len(x), grad_norm=pre_clip)
+        row.ref.steps += 1
+        row.ref.norms.append(norm)
+        _ref_loss(row, i, float(loss.detach()))
+        if i % SCRAPE_EVERY == SCRAPE_EVERY - 1:
+            row.scrape()
+
+
+def _ref_loss(row: Row, i: int, loss: float, weight: int = 1) -> None:
+    if i == row.nan_at:
+        row.ref.loss_nonfinite += 1
+    else:
+        row.ref.losses.extend([loss] * weight)
+
+
+def scaler_overflows(row: Row) -> None:
+    model = model_of()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.02)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=50)
+    row.exp.watch(model, optimizer, scaler=scaler)
+    for i in range(STEPS):
+        x, y = batch()
+        loss = nn.functional.mse_loss(model(x), y)
+        optimizer.zero_grad()
+        scaler.scale(loss).backward()
+        if i % 40 == 7:  # an fp16 overflow, as a scaler meets it now and then
+            model[2].weight.grad[0, 0] = float("inf")
+        scaler.unscale_(optimizer)
+        norm = norm64(model.parameters())
+        scaler.step(optimizer)
+        scaler.update()
+        row.exp.log_step(loss=row.logged(i, loss), samples=len(x))
+        row.ref.steps += 1
+        if math.isfinite(norm):
+            row.ref.norms.append(norm)
+        else:
+            row.ref.skipped += 1
+        _ref_loss(row, i, float(loss.detach()))
+        if i % SCRAPE_EVERY == SCRAPE_EVERY - 1:
+            row.scrape()
+
+
+def accumulation(row: Row, per_micro_batch: bool, micro: int = 4) -> None:
+    model = model_of()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.02)
+    row.exp.watch(model, optimizer)
+    for i in range(STEPS):
+        optimizer.zero_grad()
+        losses = []
+        for m in range(micro):
+            x, y = batch(4)
+            loss = nn.functional.mse_loss(model(x), y)
+            (loss / micro).backward()
+            losses.append(loss.detach())
+            if m == micro - 1:
+                row.ref.norms.append(norm64(model.parameters()))
+                optimizer.step()
+            if per_micro_batch:  # the last micro-batch's log_step comes after its optimizer step
+                row.exp.log_step(loss=row.logged(i, loss) if m == 1 else loss.detach(), samples=len(x))
+        if not per_micro_batch:
+            row.exp.log_step(loss=row.logged(i, torch.stack(losses).mean()), samples=4 * micro)
+        row.ref.steps += 1
+        if i == row.nan_at:
+            row.ref.loss_nonfinite += 1
+            if per_micro_batch:  # the step's mean is that of its finite micro-batches
+                row.ref.losses.append(float(torch.stack(losses[:1] + losses[2:]).double().mean()))
+        else:
+            row.ref.losses.append(float(torch.stack(losses).double().mean()))
+        if i % SCRAPE_EVERY == SCRAPE_EVERY - 1:
+            row.scrape()
+
+
+def interval(row: Row, every: int = 10) -> None:
+    model = model_of()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.02)
+    row.exp.watch(model, optimizer)
+    window = []
+    for i in range(STEPS):
+        x, y = batch()
+        loss = nn.functional.mse_loss(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        row.ref.norms.append(norm64(model.parameters()))
+        optimizer.step()
+        row.ref.steps += 1
+        window.append(loss.detach())
+        if len(window) == every:
+            mean = torch.stack(window).mean()
+            row.exp.log_step(loss=row.logged(i, mean), samples=every * len(x))
+            _ref_loss(row, i, float(mean), weight=every)
+            window = []
+        if i % SCRAPE_EVERY == SCRAPE_EVERY - 1:
+            row.scrape()
+
+
+def two_optimizers(row: Row) -> None:
+    a, b = model_of(seed=0), model_of(seed=1)
+    opt_a, opt_b = torch.optim.SGD(a.parameters(), lr=0.02), torch.optim.SGD(b.parameters(), lr=0.01)
+    row.exp.watch(a, opt_a)
+    row.exp.watch(b, opt_b)
+    for i in range(STEPS):
+        x, y = batch()
+        loss_a = nn.functional.mse_loss(a(x), y)
+        opt_a.zero_grad()
+        loss_a.backward()
+        norm_a = norm64(a.parameters())
+        opt_a.step()
+        loss_b = nn.functional.mse_loss(b(x), y)
+        opt_b.zero_grad()
+        loss_b.backward()
+        row.ref.norms.append(math.hypot(norm_a, norm64(b.parameters())))
+        opt_b.step()
+        loss = loss_a.detach() + loss_b.detach()
+        row.exp.log_step(loss=row.logged(i, loss), samples=len(x))
+        row.ref.steps += 1
+        _ref_loss(row, i, float(loss.detach()))
+        if i % SCRAPE_EVERY == SCRAPE_EVERY - 1:
+            row.scrape()
+
+
+def skips_nonfinite(row: Row) -> None:
+    """A loop that checks its loss and skips the update for a non-finite one (so the NaN never reaches the model)."""
+    model = model_of()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.02)
+    row.exp.watch(model, optimizer)
+    for i in range(STEPS):
+        x, y = batch()
+        loss = nn.functional.mse_loss(model(x), y)
+        if i == row.nan_at:
+            loss = loss * float("nan")
+        optimizer.zero_grad()
+        if not torch.isfinite(loss):  # the loop's own check
+            row.exp.log_step(loss=loss.detach(), samples=len(x))
+            row.ref.loss_nonfinite += 1
+        else:
+            loss.backward()
+            row.ref.norms.append(norm64(model.parameters()))
+            optimizer.step()
+            row.exp.log_step(loss=loss.detach(), samples=len(x))
+            row.ref.steps += 1
+            row.ref.losses.append(float(loss.detach()))
+        if i % SCRAPE_EVERY == SCRAPE_EVERY - 1:
+            row.scrape()
+
+
+ROWS: Dict[str, Callable[[Row], None]] = {
+    "plain": plain,
+    "clip": lambda row: plain(row, clip=True),
+    "scaler": scaler_overflows,
+    "bf16-autocast": lambda row: plain(row, autocast=True),
+    "accum-per-micro": lambda row: accumulation(row, per_micro_batch=True),
+    "accum-per-step": lambda row: accumulation(row, per_micro_batch=False),
+    "interval-10": interval,
+    "two-optimizers": two_optimizers,
+    "skips-nonfinite": skips_nonfinite,
+}
+
+
+def run(name: str, nan_at: Optional[int] = None) -> Row:
+    row = Row(f"shape-{name}" + ("-nan" if nan_at is not None else ""), nan_at)
+    try:
+        ROWS[name](row)
+        row.exp.close()
+    finally:
+        row.exp.close(stop_server=True)
+    return row
+
+
+def check(row: Row, rel: float = 1e-5) -> str:
+    """Assert the published values equal the reference; returns the matrix line."""
+    ref, value = row.ref, row.value
+    steps = value("training_loss_steps_total")
+    mean = (value("training_loss_positive_sum_total") - value("training_loss_negative_sum_total")) / steps
+    ref_mean = math.fsum(ref.losses) / len(ref.losses)
+    norm_mean = value("training_grad_norm_sum_total") / value("training_grad_norm_steps_total")
+    ref_norm_mean = math.fsum(ref.norms) / len(ref.norms)
+    got = {"step": value("training_step"), "loss steps": steps, "norm steps": value("training_grad_norm_steps_total"),
+           "loss nonfinite": value("training_loss_nonfinite_total"),
+           "grad nonfinite": value("training_grad_nonfinite_total"),
+           "skipped": value("training_scaler_skipped_steps_total")}
+    want = {"step": ref.steps, "loss steps": len(ref.losses), "norm steps": len(ref.norms),
+            "loss nonfinite": ref.loss_nonfinite, "grad nonfinite": 0, "skipped": ref.skipped}
+    assert got == want
+    assert mean == pytest.approx(ref_mean, rel=rel)
+    assert norm_mean == pytest.approx(ref_norm_mean, rel=rel)
+    assert value("training_grad_norm") == pytest.approx(ref.norms[-1], rel=rel)
+    return (f"| {row.name} | {got['step']:.0f} / {ref.steps} | {mean:.6f} / {ref_mean:.6f} | "
+            f"{value('training_grad_norm'):.6f} / {ref.norms[-1]:.6f} | {norm_mean:.6f} / {ref_norm_mean:.6f} | "
+            f"{got['loss nonfinite']:.0f}+{got['grad nonfinite']:.0f} / {ref.loss_nonfinite}+0 | "
+            f"{got['skipped']:.0f} / {ref.skipped} |")
+
+
+def replay(tmp_path, rows: List[Row]) -> Dict[str, List[str]]:
+    """The alerts each run fires over its scrapes replayed one minute apart: all runs in one promtool test."""
+    minutes = len(rows[0].scrapes) - 1
+    series: Dict[str, list] = {}
+    for row in rows:
+        assert len(row.scrapes) == minutes + 1
+        for key, values in row.series().items():
+            run_key = key.replace("{", '{run="' + row.name + '",', 1) if "{" in key else key + '{run="' + row.name + '"}'
+            series[run_key.replace(",}", "}")] = values
+    fired = alerts_fired(tmp_path, "loop-shapes", series, LABELS, minutes)
+    return {row.name: sorted(a["alertname"] for a in fired if a["run"] == row.name) for row in rows}
+
+
+@pytest.fixture(scope="module")
+def matrix(tmp_path_factory):
+    """Every row, clean and with one NaN loss, and the alerts of their replays."""
+    clean = {name: run(name) for name in ROWS}
+    nan = {name: run(name, nan_at=NAN_AT) for name in ROWS}
+    fired = replay(tmp_path_factory.mktemp("clean"), list(clean.values()))
+    fired.update(replay(tmp_path_factory.mktemp("nan"), list(nan.values())))
+    return clean, nan, fired
+
+
+@pytest.mark.parametrize("name", list(ROWS))
+def test_loop_shape(matrix, name):
+    clean, nan, fired = matrix
+    line = check(clean[name])
+    assert fired[clean[name].name] == []
+    assert nan[name].value("training_loss_nonfinite_total") == 1
+    assert fired[nan[name].name] == ["TrainingLossNotFinite"]
+    print(f"\n{line} none | {', '.join(fired[nan[name].name])} |")
