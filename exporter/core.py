@@ -40,6 +40,13 @@ def _check_number(where: str, name: str, value: Any) -> None:
     if value is not None and not _is_number(value):
         what = f"a tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
         raise TypeError(f"{where}: {name} must be a number or a one-element tensor, got {what}")
+    if _is_partial_dtensor(value):
+        raise TypeError(f"{where}: {name} is a DTensor sharded or partial over ranks; pass {name}.full_tensor()")
+
+
+def _is_partial_dtensor(value: Any) -> bool:
+    placements = getattr(value, "placements", None) if isinstance(value, torch.Tensor) else None
+    return placements is not None and not all(p.is_replicate() for p in placements)
 
 
 def _check_count(where: str, name: str, value: Any) -> None:
@@ -304,6 +311,8 @@ class TrainingExporter:
         if value is None:
             return None
         if isinstance(value, torch.Tensor):
+            if hasattr(value, "to_local"):  # a replicated DTensor, as clip_grad_norm_ returns under FSDP2
+                value = value.to_local()
             return value.detach().reshape(())
         return torch.tensor(float(value), dtype=torch.float64)
 

@@ -78,6 +78,12 @@ def _runs(values: Sequence, dtype: torch.dtype, device: torch.device) -> torch.T
     return torch.cat(parts)
 
 
+def _reduce_dtype(device: torch.device, wide: bool) -> torch.dtype:
+    """fp32 on accelerators (tree reductions keep it accurate; fp64 is slow on many GPUs), fp64 on the CPU, whose
+    vectorised sums accumulate long runs (and where fp64 costs no more), fp64 kept for fp64 gradients."""
+    return torch.float64 if wide or device.type == "cpu" else torch.float32
+
+
 def to_home(t: torch.Tensor, home: torch.device) -> torch.Tensor:
     """Move a small result to ``home`` without a host synchronisation, landing before any later read."""
     if t.device == home:
@@ -101,7 +107,7 @@ class _Layout:
     """The parameters of one device and width class, with their device-side group index and ownership."""
 
     device: torch.device
-    wide: bool  # float64 gradients keep their width; narrower ones are reduced in fp32
+    wide: bool  # float64 gradients, reduced in fp64 everywhere
     slots: List[int]
     zero: torch.Tensor
     index: Optional[torch.Tensor]
@@ -141,7 +147,7 @@ class GradStats:
             by_class.setdefault((p.device, p.dtype == torch.float64), []).append(i)
         self.layouts = {}
         for (device, wide), slots in by_class.items():
-            zero = torch.zeros((), dtype=torch.float64 if wide else torch.float32, device=device)
+            zero = torch.zeros((), dtype=_reduce_dtype(device, wide), device=device)
             index = _runs([self.groups[i] for i in slots], torch.long, device) if self.groups is not None else None
             owned = (_runs([self._owned(self.params[i]) for i in slots], torch.float64, device)
                      if self.sharded else None)
@@ -164,7 +170,7 @@ class GradStats:
             if any(g.device != layout.device for g in grads):  # the model moved since the layout was built
                 self.layouts = {}
                 return self.compute()
-            norms = torch._foreach_norm(grads, 2, dtype=None if layout.wide else torch.float32)
+            norms = torch._foreach_norm(grads, 2, dtype=layout.zero.dtype)
             full = [layout.zero] * len(layout.slots)
             for k, n in zip(at, norms):
                 full[k] = n

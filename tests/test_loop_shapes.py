@@ -7,8 +7,13 @@ TrainingLossNotFinite. Run with ``-s`` to see the matrix rows.
 """
 from __future__ import annotations
 
+import json
 import math
+import os
+import subprocess
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 import pytest
@@ -17,7 +22,7 @@ from prometheus_client import CollectorRegistry
 from torch import nn
 
 from exporter import TrainingExporter
-from promtool import alerts_fired, process_series
+from promtool import alerts_fired, process_series, write_and_run
 
 STEPS = 240  # optimizer steps per row
 SCRAPE_EVERY = 2  # loop iterations between two scrapes: 120 scrapes, replayed one minute apart
@@ -340,3 +345,223 @@ def test_loop_shape(matrix, name):
     assert nan[name].value("training_loss_nonfinite_total") == 1
     assert fired[nan[name].name] == ["TrainingLossNotFinite"]
     print(f"\n{line} none | {', '.join(fired[nan[name].name])} |")
+
+
+# ------------------------------------------------------------------------------ model shapes (issue 9 rows)
+SCRIPT = Path(__file__).resolve().parent / "loop_shapes_dist.py"
+
+
+def torchrun(mode: str, out: Path) -> List[dict]:
+    """Two ranks of ``loop_shapes_dist.py`` under torchrun (gloo, CPU); returns their results."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(SCRIPT.parent.parent))
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(SCRIPT), mode, str(out)], capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return [json.loads((out / f"{rank}.json").read_text()) for rank in (0, 1)]
+
+
+def matrix_line(row: str, published: float, reference: float, note: str = "") -> str:
+    return f"| {row} | {published:.6f} | {reference:.6f} | {note} |"
+
+
+def test_fsdp2_two_ranks_publish_shard_shares_that_sum_to_the_global_norm(tmp_path):
+    ranks = torchrun("fsdp2", tmp_path)
+    global_norms = [math.sqrt(a + b) for a, b in zip(ranks[0]["ref_sq"], ranks[1]["ref_sq"])]
+    # The float64 reference agrees with the loop's own collective clip_grad_norm_.
+    assert global_norms == pytest.approx(ranks[0]["clip_norms"], rel=1e-5)
+    for r in ranks:
+        clip, local, flat = r["clip"], r["local"], r["flat"]
+        for published in (clip, local, flat):
+            assert published["training_step"] == 20 and published["errors"] == 0
+            assert published["training_grad_nonfinite_total"] == 0
+        assert clip["training_grad_norm"] == pytest.approx(global_norms[-1], rel=1e-5)
+        assert clip["training_grad_norm_sum_total"] == pytest.approx(sum(global_norms), rel=1e-5)
+        # Without the clipping norm: the rank-local norm of its shard, and its share of the global sum.
+        assert local["training_grad_norm"] == pytest.approx(math.sqrt(r["ref_sq"][-1]), rel=1e-5)
+        assert local["training_grad_norm_shard_squared"] == pytest.approx(r["ref_sq"][-1], rel=1e-5)
+        assert local["layers"] == ["0", "2", "4"] and flat["layers"] == []
+    shares = [r["local"]["training_grad_norm_shard_squared"] for r in ranks]
+    assert math.sqrt(sum(shares)) == pytest.approx(global_norms[-1], rel=1e-5)
+    # The recording rule computes the run's global norm from the ranks' shares.
+    test = {"interval": "1m", "input_series": [
+        {"series": f'training_grad_norm_shard_squared{{job="training",run="fsdp",rank="{r}"}}',
+         "values": f"{shares[r]!r}x5"} for r in (0, 1)],
+        "promql_expr_test": [{"expr": 'run:training_grad_norm:global{run="fsdp"}', "eval_time": "2m",
+                              "exp_samples": [{"labels": 'run:training_grad_norm:global{job="training",run="fsdp"}',
+                                               "value": math.sqrt(sum(shares))}]}]}
+    result = write_and_run(tmp_path, [test])
+    assert result.returncode == 0, result.stdout + result.stderr
+    print("\n" + matrix_line("fsdp2 x2, clip norm passed", ranks[0]["clip"]["training_grad_norm"], global_norms[-1]))
+    print(matrix_line("fsdp2 x2, run:training_grad_norm:global", math.sqrt(sum(shares)), global_norms[-1]))
+
+
+def test_ddp_two_ranks_publish_the_global_norm_with_the_users_layer_names(tmp_path):
+    ranks = torchrun("ddp", tmp_path)
+    for r in ranks:
+        local = r["local"]
+        norms = [math.sqrt(sq) for sq in r["ref_sq"]]  # DDP's gradients are all-reduced: a rank's are global
+        assert norms == pytest.approx(r["clip_norms"], rel=1e-5)
+        assert local["training_grad_norm"] == pytest.approx(norms[-1], rel=1e-5)
+        assert local["training_grad_norm_sum_total"] == pytest.approx(sum(norms), rel=1e-5)
+        assert local["training_grad_norm_shard_squared"] is None
+        assert local["layers"] == ["0", "2", "4"]  # not DDP's "module"
+        assert local["errors"] == 0 and r["flat"]["training_step"] == 20
+    print("\n" + matrix_line("ddp x2", ranks[0]["local"]["training_grad_norm"], math.sqrt(ranks[0]["ref_sq"][-1])))
+
+
+def _train(exp, model, optimizer, steps, make_batch, before_step=None):
+    """Real SGD steps; returns the float64 reference norm of every step."""
+    norms = []
+    for i in range(steps):
+        x, y = make_batch()
+        loss = nn.functional.mse_loss(model(x).float(), y)
+        optimizer.zero_grad()
+        loss.backward()
+        if before_step is not None:
+            before_step(i)
+        norms.append(norm64(model.parameters()))
+        optimizer.step()
+        exp.log_step(loss=loss.detach())
+    return norms
+
+
+def _exporter(name, **kwargs):
+    registry = CollectorRegistry()
+    return TrainingExporter(run=name, port=0, addr="127.0.0.1", registry=registry, **kwargs), registry
+
+
+def _layers(registry):
+    return sorted(s.labels["layer"] for m in registry.collect() if m.name == "training_layer_grad_norm"
+                  for s in m.samples)
+
+
+def test_compiled_model_keeps_the_users_layer_names():
+    model = model_of()
+    compiled = torch.compile(model, backend="eager")  # the OptimizedModule wrapper; eager keeps the test fast
+    optimizer = torch.optim.SGD(compiled.parameters(), lr=0.02)
+    exp, registry = _exporter("compile")
+    try:
+        exp.watch(compiled, optimizer)
+        norms = _train(exp, compiled, optimizer, 20, batch)
+        exp.close()
+        labels = {"run": "compile", "rank": "0"}
+        assert registry.get_sample_value("training_grad_norm", labels) == pytest.approx(norms[-1], rel=1e-5)
+        assert _layers(registry) == ["0", "2", "4"]  # not "_orig_mod"
+    finally:
+        exp.close(stop_server=True)
+    print("\n" + matrix_line("torch.compile", registry.get_sample_value("training_grad_norm", labels), norms[-1]))
+
+
+class MoE(nn.Module):
+    """Top-2 of 16 experts per batch: most experts get no gradient at a given step."""
+
+    def __init__(self, experts: int = 16, width: int = 8):
+        super().__init__()
+        self.router = nn.Linear(width, experts)
+        self.experts = nn.ModuleList(nn.Linear(width, width) for _ in range(experts))
+        self.head = nn.Linear(width, 2)
+
+    def forward(self, x):
+        top = self.router(x).mean(0).topk(2).indices.tolist()  # a host read in the model, not in the exporter
+        return self.head(sum(self.experts[i](x) for i in top))
+
+
+def test_moe_with_unused_experts_keeps_one_grouping_per_device():
+    torch.manual_seed(0)
+    model = MoE()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    exp, registry = _exporter("moe", layer_depth=2, max_layers=32)
+    try:
+        exp.watch(model, optimizer)
+        norms = _train(exp, model, optimizer, 2000, batch)
+        exp.close()
+        stats = exp._steps.watched[0].stats
+        labels = {"run": "moe", "rank": "0"}
+        assert len(stats.layouts) == 1  # one device, one width: whatever the sets of experts used
+        assert registry.get_sample_value("training_grad_norm", labels) == pytest.approx(norms[-1], rel=1e-5)
+        assert registry.get_sample_value("training_grad_norm_sum_total", labels) == pytest.approx(sum(norms), rel=1e-5)
+        assert len(_layers(registry)) == 18  # router, 16 experts, head
+    finally:
+        exp.close(stop_server=True)
+    print("\n" + matrix_line("MoE 16 experts top-2, 2000 steps", registry.get_sample_value("training_grad_norm", labels),
+                             norms[-1], f"grouping cache entries: {len(stats.layouts)}"))
+
+
+def test_parameters_unfrozen_after_watch_enter_the_norm():
+    model = model_of()
+    for p in model[0].parameters():
+        p.requires_grad_(False)  # frozen when watch() is called
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.02)
+    exp, registry = _exporter("unfreeze")
+
+    def unfreeze(i):
+        assert (model[0].weight.grad is None) == (i < 10)
+
+    try:
+        exp.watch(model, optimizer)
+        _train(exp, model, optimizer, 10, batch)
+        for p in model[0].parameters():
+            p.requires_grad_(True)
+        norms = _train(exp, model, optimizer, 10, batch, before_step=lambda i: unfreeze(i + 10))
+        exp.close()
+        labels = {"run": "unfreeze", "rank": "0"}
+        assert registry.get_sample_value("training_grad_norm", labels) == pytest.approx(norms[-1], rel=1e-5)
+        assert registry.get_sample_value("training_layer_grad_norm", dict(labels, layer="0")) > 0
+    finally:
+        exp.close(stop_server=True)
+    print("\n" + matrix_line("progressive unfreezing", registry.get_sample_value("training_grad_norm", labels),
+                             norms[-1]))
+
+
+def test_fp16_gradients_with_a_norm_above_fp16_range_stay_finite():
+    torch.manual_seed(0)
+    model = nn.Linear(1000, 100).half()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    exp, registry = _exporter("fp16")
+
+    def make_batch():
+        return torch.ones(1, 1000, dtype=torch.float16), None
+
+    try:
+        exp.watch(model, optimizer)
+        norms = []
+        for _ in range(3):
+            x, _ = make_batch()
+            loss = model(x).float().sum() * 300  # every weight gradient 300: finite in fp16, the norm is not
+            optimizer.zero_grad()
+            loss.backward()
+            assert torch.isfinite(model.weight.grad).all() and model.weight.grad.dtype == torch.float16
+            norms.append(norm64(model.parameters()))
+            optimizer.step()
+            exp.log_step(loss=loss.detach())
+        exp.close()
+        labels = {"run": "fp16", "rank": "0"}
+        assert norms[-1] > 65504
+        assert registry.get_sample_value("training_grad_norm", labels) == pytest.approx(norms[-1], rel=1e-5)
+        assert registry.get_sample_value("training_grad_nonfinite_total", labels) == 0
+    finally:
+        exp.close(stop_server=True)
+    print("\n" + matrix_line("fp16 parameters", registry.get_sample_value("training_grad_norm", labels), norms[-1]))
+
+
+def test_two_models_of_one_structure_keep_their_layer_norms_apart():
+    a, b = model_of(seed=0), model_of(seed=1)
+    opt_a, opt_b = torch.optim.SGD(a.parameters(), lr=0.02), torch.optim.SGD(b.parameters(), lr=0.02)
+    exp, registry = _exporter("two-models")
+    try:
+        exp.watch(a, opt_a)
+        exp.watch(b, opt_b, name="critic")
+        x, y = batch()
+        for model, opt in ((a, opt_a), (b, opt_b)):
+            nn.functional.mse_loss(model(x), y).backward()
+        expected = {"0": norm64(a[0].parameters()), "critic/0": norm64(b[0].parameters())}
+        opt_a.step()
+        opt_b.step()
+        exp.log_step(loss=1.0)
+        exp.close()
+        assert _layers(registry) == ["0", "2", "4", "critic/0", "critic/2", "critic/4"]
+        for layer, norm in expected.items():
+            assert registry.get_sample_value("training_layer_grad_norm", {"run": "two-models", "rank": "0",
+                                                                          "layer": layer}) == pytest.approx(norm)
+    finally:
+        exp.close(stop_server=True)
