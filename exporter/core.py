@@ -335,13 +335,18 @@ class TrainingExporter:
         long evaluation, a checkpoint, a hang). Waiting for a device copy happens here, off the training thread
         and without the lock."""
         try:
-            with self.state.lock:
-                self._apply(self._totals.reader.poll())
-                self._totals.snapshot(time.time())
-                waiting = self._totals.reader.pending_events()
             deadline = time.monotonic() + _SCRAPE_WAIT
-            while any(not e.query() for e in waiting) and time.monotonic() < deadline:
-                time.sleep(0.005)
+            # Two rounds: the first lands a snapshot the training thread left in flight, the second takes and lands
+            # what waited behind it.
+            for _ in range(2):
+                with self.state.lock:
+                    self._apply(self._totals.reader.poll())
+                    self._totals.snapshot(time.time())
+                    waiting = self._totals.reader.pending_events()
+                if not waiting:
+                    break
+                while any(not e.query() for e in waiting) and time.monotonic() < deadline:
+                    time.sleep(0.005)
             with self.state.lock:
                 self._apply(self._totals.reader.poll())
         except Exception as exc:

@@ -8,6 +8,7 @@ between two reads (non-finite steps, the largest loss, sums for means) accumulat
 from __future__ import annotations
 
 import collections
+import contextlib
 from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
@@ -86,6 +87,7 @@ class StepAccumulator:
         self.pending = False
         self.dirty = False
         self.in_flight = False
+        self._stream = None  # the CUDA stream the training thread updates on; a scrape snapshots on it too
 
     def fold_loss(self, loss: torch.Tensor) -> None:
         """Add one loss (0-dim, this device) to the open optimizer step. A non-finite one is counted at once, so
@@ -96,7 +98,8 @@ class StepAccumulator:
         column = self.acc[:, LOSS]
         column[NONFINITE] += (~finite).to(torch.float64)
         column[LAST] = torch.where(finite, column[LAST], x)
-        self.pending = self.dirty = True
+        self._touched()
+        self.pending = True
 
     def close_loss(self, weight: int) -> None:
         """Close the open step's loss, the mean of its finite losses, standing for ``weight`` optimizer steps
@@ -130,7 +133,12 @@ class StepAccumulator:
         column[:_ADDED] += added
         torch.maximum(column[MAX], torch.where(finite, x, self._neg_inf), out=column[MAX])
         column[LAST] = torch.where(finite | bad, x, column[LAST])
+        self._touched()
+
+    def _touched(self) -> None:
         self.dirty = True
+        if self.device.type == "cuda":
+            self._stream = torch.cuda.current_stream(self.device)
 
     def snapshot(self, reader: AsyncReader, callback: Callable[[np.ndarray], None]) -> bool:
         """Copy the accumulated values out and reset; skipped while the previous snapshot is still in flight."""
@@ -143,8 +151,9 @@ class StepAccumulator:
             self.in_flight = False
             callback(values)
 
-        reader.submit(self.acc, done)
-        self.acc.copy_(self._init)  # ordered after the copy on the same stream
+        with torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext():
+            reader.submit(self.acc, done)
+            self.acc.copy_(self._init)  # ordered after the copy and after every update, on the same stream
         return True
 
 

@@ -12,6 +12,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
@@ -563,5 +564,199 @@ def test_two_models_of_one_structure_keep_their_layer_norms_apart():
         for layer, norm in expected.items():
             assert registry.get_sample_value("training_layer_grad_norm", {"run": "two-models", "rank": "0",
                                                                           "layer": layer}) == pytest.approx(norm)
+    finally:
+        exp.close(stop_server=True)
+
+
+# ------------------------------------------------------------------------ the numbered defects of issue 8
+def test_accumulation_logged_per_micro_batch_counts_optimizer_steps_and_a_nan_micro_batch():
+    """Defect 1: micro-batch log_steps are not skipped steps, training_step follows optimizer steps, and a NaN
+    micro-batch loss is counted."""
+    row = Row("defect-1", nan_at=None)
+    model = model_of()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.02)
+    row.exp.watch(model, optimizer)
+    for i in range(3):
+        optimizer.zero_grad()
+        for m in range(4):
+            x, y = batch(4)
+            loss = nn.functional.mse_loss(model(x), y)
+            (loss / 4).backward()
+            if m == 3:
+                optimizer.step()
+            row.exp.log_step(loss=loss.detach() * float("nan") if (i, m) == (1, 2) else loss.detach())
+    row.exp.close(stop_server=True)
+    assert row.value("training_scaler_skipped_steps_total") == 0
+    assert row.value("training_step") == 3
+    assert row.value("training_loss_nonfinite_total") == 1
+    assert row.value("training_loss_steps_total") == 3
+
+
+def test_nonfinite_loss_on_a_step_whose_update_did_not_happen_is_counted():
+    """Defect 2: a NaN loss on a step the scaler skipped is counted as a non-finite loss (and the skip as a skip)."""
+    row = Row("defect-2", nan_at=None)
+    model = model_of()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.02)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    row.exp.watch(model, optimizer, scaler=scaler)
+    for i in range(3):
+        x, y = batch()
+        loss = nn.functional.mse_loss(model(x), y) * (float("nan") if i == 1 else 1.0)
+        optimizer.zero_grad()
+        scaler.scale(loss).backward()  # NaN gradients: the scaler skips this step
+        scaler.step(optimizer)
+        scaler.update()
+        row.exp.log_step(loss=loss.detach())
+    row.exp.close(stop_server=True)
+    assert scaler.get_scale() == 2.0 ** 7
+    assert row.value("training_loss_nonfinite_total") == 1
+    assert row.value("training_scaler_skipped_steps_total") == 1
+    assert row.value("training_grad_nonfinite_total") == 0
+    assert row.value("training_step") == 3
+    assert row.value("training_last_nonfinite_timestamp_seconds") is not None
+
+
+def test_scaler_overflow_while_watching_without_optimizer_is_a_skip_not_a_nonfinite_gradient():
+    """Defect 3: watch(model) with a GradScaler: the scaler's routine overflow is a skip, decided on the device."""
+    row = Row("defect-3", nan_at=None)
+    model = model_of()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.02)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    row.exp.watch(model, scaler=scaler)
+    for i in range(4):
+        x, y = batch()
+        loss = nn.functional.mse_loss(model(x), y)
+        optimizer.zero_grad()
+        scaler.scale(loss).backward()
+        if i == 2:
+            model[0].weight.grad[0, 0] = float("inf")
+        scaler.step(optimizer)
+        scaler.update()
+        row.exp.log_step(loss=loss.detach())
+    row.exp.close(stop_server=True)
+    assert row.value("training_grad_nonfinite_total") == 0
+    assert row.value("training_scaler_skipped_steps_total") == 1
+    assert row.value("training_grad_norm_steps_total") == 3
+
+
+def test_interval_logging_publishes_the_last_steps_norm_not_a_combination():
+    """Defect 4: log_step every 10 optimizer steps publishes the last step's norm, each step's norm in the sums."""
+    row = Row("defect-4", nan_at=None)
+    interval(row)
+    row.exp.close(stop_server=True)
+    assert row.value("training_grad_norm") == pytest.approx(row.ref.norms[-1], rel=1e-6)
+    assert row.value("training_grad_norm_steps_total") == STEPS
+
+
+def test_watching_a_model_twice_counts_its_gradients_once(caplog):
+    """Defect 5: watch(m) twice, and watch(m, opt) then watch(m), publish the true norm."""
+    for second_with_optimizer_first in (False, True):
+        row = Row(f"defect-5-{second_with_optimizer_first}", nan_at=None)
+        model = model_of()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.02)
+        with caplog.at_level("WARNING", logger="exporter"):
+            if second_with_optimizer_first:
+                row.exp.watch(model, optimizer)
+            else:
+                row.exp.watch(model)
+            row.exp.watch(model)
+        assert "already watched" in caplog.text
+        x, y = batch()
+        nn.functional.mse_loss(model(x), y).backward()
+        expected = norm64(model.parameters())
+        optimizer.step()
+        row.exp.log_step(loss=1.0)
+        row.exp.close(stop_server=True)
+        assert row.value("training_grad_norm") == pytest.approx(expected, rel=1e-6)
+
+
+class _Device:
+    """Completion of the exporter's device copies under the test's control, as a GPU's events would report it."""
+
+    def __init__(self, reader):
+        self.running = False
+        self.events = []
+        reader_submit = reader.submit
+
+        def submit(tensor, callback):
+            reader_submit(tensor, callback)
+            event = self._Event(self)
+            self.events.append(event)
+            reader._pending[-1] = (event,) + reader._pending[-1][1:]
+
+        reader.submit = submit
+
+    class _Event:
+        def __init__(self, device):
+            self.device, self.at = device, math.inf
+            if device.running:
+                self.at = time.monotonic() + 0.05
+
+        def query(self):
+            return time.monotonic() >= self.at
+
+        def synchronize(self):
+            self.at = min(self.at, time.monotonic())
+
+    def run(self):
+        """The device catches up: copies already queued land soon, new ones 50 ms after they are queued."""
+        self.running = True
+        for event in self.events:
+            event.at = min(event.at, time.monotonic() + 0.05)
+
+
+def test_scrape_publishes_what_the_device_finished_while_the_training_thread_is_elsewhere():
+    """Defect 6: the last steps' values, a NaN among them, reach a scrape without another log_step."""
+    row = Row("defect-6a", nan_at=None)
+    device = _Device(row.exp._totals.reader)
+    row.exp.log_step(loss=1.0)  # its snapshot is in flight ...
+    row.exp.log_step(loss=float("nan"))  # ... so this step waits on the device
+    assert row.value("training_loss_nonfinite_total") == 0
+    device.run()  # the training thread now evaluates, checkpoints or hangs: no more log_step
+    assert row.value("training_loss_nonfinite_total") == 1  # one scrape
+    assert row.value("training_loss_steps_total") == 1
+    row.exp.close(stop_server=True)
+
+
+def test_close_publishes_every_step_while_a_snapshot_is_in_flight():
+    """Defect 6: close() lands the snapshot in flight, then takes and lands the last one."""
+    row = Row("defect-6b", nan_at=None)
+    _Device(row.exp._totals.reader)
+    for loss in (1.0, 2.0, float("inf")):
+        row.exp.log_step(loss=loss)
+    row.exp.close(stop_server=True)
+    assert row.value("training_loss_steps_total") == 2
+    assert row.value("training_loss_positive_sum_total") == 3.0
+    assert row.value("training_loss_nonfinite_total") == 1
+
+
+def test_log_step_after_close_is_a_no_op_warned_once(caplog):
+    """Defect 6: a signal handler that closed the exporter does not crash the loop that still logs."""
+    row = Row("defect-6c", nan_at=None)
+    row.exp.log_step(loss=1.0)
+    row.exp.close("interrupted", stop_server=True)
+    with caplog.at_level("WARNING", logger="exporter"):
+        for _ in range(3):
+            row.exp.log_step(loss=2.0)
+            row.exp.log_eval("val", loss=1.0)
+    assert len([r for r in caplog.records if "after close()" in r.getMessage()]) == 1
+    assert row.value("training_step") == 1
+    assert row.value("training_run_status", status="interrupted") == 1
+
+
+def test_recent_window_memory_is_bounded_whatever_the_scrape_cadence():
+    """Defect 7: many unscraped steps keep a bounded window (it used to grow one entry per step)."""
+    registry = CollectorRegistry()
+    exp = TrainingExporter(run="defect-7", port=0, addr="127.0.0.1", registry=registry, max_window=0.016)
+    try:
+        start = time.monotonic()
+        steps = 0
+        while time.monotonic() - start < 0.3 or steps < 2000:  # many windows' worth of 1 ms buckets
+            exp.log_step(loss=float(steps))
+            steps += 1
+        assert len(exp.state._recent) <= 17
+        time.sleep(0.02)
+        exp.log_step(loss=1.0)
+        assert registry.get_sample_value("training_loss_recent_max", {"run": "defect-7", "rank": "0"}) == 1.0
     finally:
         exp.close(stop_server=True)
