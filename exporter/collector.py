@@ -65,8 +65,8 @@ class RunState(Collector):
         self.skipped = 0
         self.errors = dict.fromkeys(ERROR_SITES, 0)
         self.dropped = dict.fromkeys(DROP_KINDS, 0)
-        # [first, last snapshot time, largest finite loss, largest finite grad norm] of time buckets of max_window / _BUCKETS
-        # seconds, newest last: bounded whatever the number of steps between two scrapes.
+        # [first, last snapshot time, largest finite loss, largest finite grad norm] of time buckets of
+        # max_window / _BUCKETS seconds, newest last: bounded whatever the number of steps between two scrapes.
         self._recent: collections.deque = collections.deque()
 
     def merge_steps(self, values: np.ndarray, when: float) -> None:

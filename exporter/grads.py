@@ -182,7 +182,8 @@ class GradStats:
         for layout, sq in parts:
             total = _add(total, to_home(sq.sum(), home))
             if layout.index is not None:
-                g = torch.zeros(self.n_groups, dtype=torch.float64, device=layout.device).index_add_(0, layout.index, sq)
+                g = torch.zeros(self.n_groups, dtype=torch.float64, device=layout.device)
+                g.index_add_(0, layout.index, sq)
                 group = _add(group, to_home(g, home))
             if layout.owned is not None:
                 shard = _add(shard, to_home((sq * layout.owned).sum(), home))
@@ -195,7 +196,8 @@ class GradStats:
         if not grads:
             return None
         home = next((g.device for g in grads if g.device.type != "cpu"), grads[0].device)
-        return torch.stack([to_home(g.mean(dtype=torch.promote_types(g.dtype, torch.float32)), home) for g in grads]).mean()
+        means = [g.mean(dtype=torch.promote_types(g.dtype, torch.float32)) for g in grads]
+        return torch.stack([to_home(m, home) for m in means]).mean()
 
 
 def _add(a: Optional[torch.Tensor], b: torch.Tensor) -> torch.Tensor:

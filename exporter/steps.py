@@ -27,7 +27,7 @@ from torch import nn
 
 from .collector import RunState
 from .device_stats import DeviceTotals
-from .grads import GradStats, layer_groups, user_names
+from .grads import GradStats, layer_groups, to_home, user_names
 
 log = logging.getLogger("exporter")
 
@@ -170,8 +170,7 @@ class StepModel:
                     self._open_found_inf = torch.stack([t.reshape(()).to(found[0].device) for t in found]).sum() > 0
                 continue
             stage = states.get(id(w.optimizer), {}).get("stage")
-            through_scaler = getattr(stage, "name", "") in ("STEPPED", "UNSCALED")
-            if through_scaler and not w.stepped:  # scaler.step() skipped optimizer.step()
+            if getattr(stage, "name", "") == "STEPPED" and not w.stepped:  # scaler.step() skipped optimizer.step()
                 if index in self._open:
                     self.close_step()
                 self._open.add(index)
@@ -182,11 +181,9 @@ class StepModel:
         norms = w.stats.compute()
         if norms is None:
             return
-        self._open_sq = norms.total_sq if self._open_sq is None else self._open_sq + norms.total_sq.to(
-            self._open_sq.device, non_blocking=True)
+        self._open_sq = _combine(self._open_sq, norms.total_sq)
         if norms.shard_sq is not None:
-            self._open_shard = norms.shard_sq if self._open_shard is None else self._open_shard + norms.shard_sq.to(
-                self._open_shard.device, non_blocking=True)
+            self._open_shard = _combine(self._open_shard, norms.shard_sq)
         st, reader = self.state, self.totals.reader
         if norms.group_sq is not None:
             layers = w.layers
@@ -247,3 +244,11 @@ class StepModel:
             self.totals.reader.submit(lr.reshape(()), lambda v: st.lrs.__setitem__(group, float(v)))
         elif lr is not None:
             self.state.lrs[group] = float(lr)
+
+
+def _combine(a: Optional[torch.Tensor], b: torch.Tensor) -> torch.Tensor:
+    """a + b, added on an accelerator when either is on one (see ``grads.to_home``)."""
+    if a is None:
+        return b
+    home = a.device if a.device.type != "cpu" else b.device
+    return to_home(a, home) + to_home(b, home)

@@ -149,8 +149,8 @@ def test_mixed_device_norm_combines_parts_after_their_copies_landed(registry):
     labels = {"run": "cuda", "rank": "0"}
     assert registry.get_sample_value("training_grad_norm", labels) == pytest.approx(norms[-1], rel=1e-4)
     assert registry.get_sample_value("training_grad_norm_sum_total", labels) == pytest.approx(sum(norms), rel=1e-4)
-    print(f"\nmixed CPU+{torch.cuda.get_device_name()}: norm {registry.get_sample_value('training_grad_norm', labels):.4f}"
-          f" / {norms[-1]:.4f}")
+    published = registry.get_sample_value("training_grad_norm", labels)
+    print(f"\nmixed CPU+{torch.cuda.get_device_name()}: norm {published:.4f} / {norms[-1]:.4f}")
 
 
 def test_moe_on_the_gpu_builds_no_index_from_the_host(registry):

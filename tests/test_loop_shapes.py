@@ -322,8 +322,8 @@ def replay(tmp_path, rows: List[Row]) -> Dict[str, List[str]]:
     for row in rows:
         assert len(row.scrapes) == minutes + 1
         for key, values in row.series().items():
-            run_key = key.replace("{", '{run="' + row.name + '",', 1) if "{" in key else key + '{run="' + row.name + '"}'
-            series[run_key.replace(",}", "}")] = values
+            name, _, inner = key.partition("{")
+            series[name + '{run="' + row.name + '"' + ("," + inner if inner else "}")] = values
     fired = alerts_fired(tmp_path, "loop-shapes", series, LABELS, minutes)
     return {row.name: sorted(a["alertname"] for a in fired if a["run"] == row.name) for row in rows}
 
@@ -484,8 +484,9 @@ def test_moe_with_unused_experts_keeps_one_grouping_per_device():
         assert len(_layers(registry)) == 18  # router, 16 experts, head
     finally:
         exp.close(stop_server=True)
-    print("\n" + matrix_line("MoE 16 experts top-2, 2000 steps", registry.get_sample_value("training_grad_norm", labels),
-                             norms[-1], f"grouping cache entries: {len(stats.layouts)}"))
+    published = registry.get_sample_value("training_grad_norm", labels)
+    print("\n" + matrix_line("MoE 16 experts top-2, 2000 steps", published, norms[-1],
+                             f"grouping cache entries: {len(stats.layouts)}"))
 
 
 def test_parameters_unfrozen_after_watch_enter_the_norm():
