@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry
 from torch import nn
 
 from exporter import METRICS, TrainingExporter
-from exporter.grads import layer_groups as _layer_groups
+from exporter.grads import layer_groups
 from exporter.metrics import DROP_KINDS, ERROR_SITES
 
 from conftest import value
@@ -251,11 +251,11 @@ def test_watch_without_optimizer_reads_gradients_at_log_step(make_exporter, regi
 def test_layer_groups_are_bounded():
     names = ["embed.weight", "layers.0.attn.weight", "layers.0.mlp.weight", "layers.1.attn.weight",
              "head.weight", "head.bias", "norm.weight", "scale"]
-    groups, labels, merged = _layer_groups(names, depth=1, limit=2)
+    groups, labels, merged = layer_groups(names, depth=1, limit=2)
     assert labels == ["embed", "layers", "other"]
     assert groups == [0, 1, 1, 1, 2, 2, 2, 2]
     assert merged == 3  # head, norm and (root) share "other"
-    groups, labels, _ = _layer_groups(names, depth=2, limit=16)
+    groups, labels, _ = layer_groups(names, depth=2, limit=16)
     assert labels == ["embed", "layers.0", "layers.1", "head", "norm", "(root)"]
 
 
