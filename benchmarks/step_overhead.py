@@ -47,7 +47,7 @@ def main() -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x = torch.randn(args.batch, args.width, device=args.device)
     y = torch.randn(args.batch, 1, device=args.device)
-    exp = TrainingExporter(run="bench", port=0, addr="127.0.0.1")
+    exp = None
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
 
     def step(variant: str) -> None:
@@ -64,17 +64,16 @@ def main() -> None:
     times = {v: [] for v in variants}
     for _ in range(args.rounds):
         for variant in variants:
-            if variant.startswith("exporter"):
+            if variant.startswith("exporter"):  # a fresh exporter each round; close() removes its hooks
+                exp = TrainingExporter(run="bench", port=0, addr="127.0.0.1")
                 exp.watch(model, optimizer)
             for _ in range(args.steps):
                 t = time.perf_counter()
                 step(variant)
                 sync()
                 times[variant].append(time.perf_counter() - t)
-            for hook in exp._hooks:
-                hook.remove()
-            exp._hooks.clear()
-            exp._watched.clear()
+            if variant.startswith("exporter"):
+                exp.close(stop_server=True)
     base = statistics.median(times["none"])
     n_params = sum(1 for _ in model.parameters())
     print(f"device {args.device}, MLP {args.depth}x{args.width} ({n_params} tensors), batch {args.batch}, "
@@ -92,7 +91,6 @@ def main() -> None:
     series = sum(len(m.samples) for m in exp.registry.collect())
     print(f"\nscrape: {series} samples, median {statistics.median(scrapes) * 1e3:.2f} ms "
           f"(max {max(scrapes) * 1e3:.2f} ms) for generate_latest")
-    exp.close(stop_server=True)
 
 
 if __name__ == "__main__":

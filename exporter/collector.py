@@ -14,6 +14,7 @@ from prometheus_client.registry import Collector
 from . import device_stats as ds
 from .metrics import BASE_LABELS, DROP_KINDS, ERROR_SITES, METRICS, RUN_STATUSES
 
+_BUCKETS = 16
 _FAMILY = {"gauge": GaugeMetricFamily, "counter": CounterMetricFamily, "summary": SummaryMetricFamily}
 
 
@@ -39,42 +40,78 @@ class RunState(Collector):
         self.losses: Dict[str, float] = {}
         self.lrs: Dict[str, float] = {}
         self.grad_norm: Optional[float] = None
+        self.grad_shard_sq: Optional[float] = None
         self.grad_mean: Optional[float] = None
         self.layer_norms: Dict[str, float] = {}
         self.eval_metrics: Dict[Tuple[str, str], float] = {}
         self.eval_steps: Dict[str, int] = {}
         self.eval_times: Dict[str, float] = {}
+        self.evals: Dict[str, int] = {}
+        self.eval_best: Dict[str, float] = {}
+        self.evals_since_best: Dict[str, int] = {}
         self.samples = 0.0
         self.duration_sum = 0.0
         self.duration_count = 0
         self.loss_sum = 0.0
         self.loss_count = 0
+        self.loss_pos = 0.0
+        self.loss_neg = 0.0
+        self.loss_sq = 0.0
+        self.grad_count = 0
+        self.grad_sum = 0.0
+        self.last_nonfinite_time: Optional[float] = None
         self.loss_nonfinite = 0
         self.grad_nonfinite = 0
         self.skipped = 0
         self.errors = dict.fromkeys(ERROR_SITES, 0)
         self.dropped = dict.fromkeys(DROP_KINDS, 0)
-        # (time, largest finite loss, largest finite grad norm) of each accumulator snapshot, newest last.
+        # [first, last snapshot time, largest finite loss, largest finite grad norm] of time buckets of
+        # max_window / _BUCKETS seconds, newest last: bounded whatever the number of steps between two scrapes.
         self._recent: collections.deque = collections.deque()
 
     def merge_steps(self, values: np.ndarray, when: float) -> None:
         """Fold a ``StepAccumulator`` snapshot (taken at ``when``) into the totals. Call with ``lock`` held."""
         self.loss_sum += float(values[ds.SUM, ds.LOSS])
         self.loss_count += int(values[ds.COUNT, ds.LOSS])
+        self.loss_pos += float(values[ds.POS, ds.LOSS])
+        self.loss_neg += float(values[ds.NEG, ds.LOSS])
+        self.loss_sq += float(values[ds.SQ, ds.LOSS])
+        self.grad_count += int(values[ds.COUNT, ds.GRAD])
+        self.grad_sum += float(values[ds.SUM, ds.GRAD])
         self.loss_nonfinite += int(values[ds.NONFINITE, ds.LOSS])
         self.grad_nonfinite += int(values[ds.NONFINITE, ds.GRAD])
+        self.skipped += int(values[ds.SKIPPED, ds.GRAD])
+        if values[ds.NONFINITE].sum() > 0:
+            self.last_nonfinite_time = when
         if values[ds.COUNT, ds.LOSS] + values[ds.NONFINITE, ds.LOSS] > 0:
             self.losses["train"] = float(values[ds.LAST, ds.LOSS])
         if values[ds.COUNT, ds.GRAD] + values[ds.NONFINITE, ds.GRAD] > 0:
             self.grad_norm = float(values[ds.LAST, ds.GRAD])
-        self._recent.append((when, float(values[ds.MAX, ds.LOSS]), float(values[ds.MAX, ds.GRAD])))
+        loss_max, grad_max = float(values[ds.MAX, ds.LOSS]), float(values[ds.MAX, ds.GRAD])
+        newest = self._recent[-1] if self._recent else None
+        if newest is not None and when < newest[0] + self.max_window / _BUCKETS:
+            newest[1:] = [when, max(newest[2], loss_max), max(newest[3], grad_max)]
+        else:
+            self._recent.append([when, when, loss_max, grad_max])
+            if len(self._recent) > _BUCKETS + 1:
+                self._recent.popleft()
+
+    def eval_loss(self, split: str, loss: float) -> None:
+        """Publish an evaluation's loss and track the split's best one. Call with ``lock`` held."""
+        self.losses[split] = loss
+        if math.isfinite(loss) and loss < self.eval_best.get(split, math.inf):
+            self.eval_best[split] = loss
+            self.evals_since_best[split] = 0
+        elif split in self.evals_since_best:
+            self.evals_since_best[split] += 1
 
     def recent_max(self, now: float) -> Tuple[float, float]:
-        """Largest finite loss and grad norm within ``max_window`` seconds (the newest snapshot is always kept)."""
-        while len(self._recent) > 1 and self._recent[0][0] < now - self.max_window:
+        """Largest finite loss and grad norm of the steps within ``max_window`` seconds (a bucket with a step in
+        the window counts whole); the newest bucket is always kept."""
+        while len(self._recent) > 1 and self._recent[0][1] < now - self.max_window:
             self._recent.popleft()
-        loss = max((r[1] for r in self._recent), default=-math.inf)
-        grad = max((r[2] for r in self._recent), default=-math.inf)
+        loss = max((r[2] for r in self._recent), default=-math.inf)
+        grad = max((r[3] for r in self._recent), default=-math.inf)
         return loss, grad
 
     def collect(self) -> Iterable:
@@ -123,6 +160,13 @@ class RunState(Collector):
         summary.add_metric(base, self.loss_count, self.loss_sum)
         yield summary
         loss_max, grad_max = self.recent_max(time.time())
+        yield single("training_loss_steps_total", self.loss_count)
+        yield single("training_loss_positive_sum_total", self.loss_pos)
+        yield single("training_loss_negative_sum_total", self.loss_neg)
+        yield single("training_loss_squared_sum_total", self.loss_sq)
+        yield single("training_grad_norm_steps_total", self.grad_count)
+        yield single("training_grad_norm_sum_total", self.grad_sum)
+        yield single("training_last_nonfinite_timestamp_seconds", self.last_nonfinite_time)
         yield single("training_loss_recent_max", loss_max if loss_max > -math.inf else None)
         yield single("training_grad_norm_recent_max", grad_max if grad_max > -math.inf else None)
         yield single("training_loss_nonfinite_total", self.loss_nonfinite)
@@ -134,7 +178,11 @@ class RunState(Collector):
         yield durations
         yield labelled("training_eval_step", self.eval_steps)
         yield labelled("training_eval_timestamp_seconds", self.eval_times)
+        yield labelled("training_evals_total", self.evals)
+        yield labelled("training_eval_loss_best", self.eval_best)
+        yield labelled("training_evals_since_best", self.evals_since_best)
 
+        yield single("training_grad_norm_shard_squared", self.grad_shard_sq)
         yield single("training_grad_mean", self.grad_mean)
         yield labelled("training_layer_grad_norm", self.layer_norms)
         yield labelled("training_exporter_errors_total", self.errors)

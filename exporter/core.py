@@ -1,12 +1,13 @@
 """``TrainingExporter``: the in-process exporter a training loop talks to."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import numbers
 import re
 import socket
 import time
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, ContextManager, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from prometheus_client import CollectorRegistry, ProcessCollector
@@ -15,9 +16,10 @@ from prometheus_client.platform_collector import PlatformCollector
 
 from . import __version__, runtime
 from .collector import RunState
-from .device_stats import AsyncReader, GradStats, StepAccumulator
+from .device_stats import DeviceTotals
 from .lifecycle import Lifecycle, PhaseBlock
 from .server import MetricsServer
+from .steps import StepModel
 
 log = logging.getLogger("exporter")
 
@@ -25,7 +27,7 @@ _STATUSES = ("completed", "failed", "interrupted")
 _LABEL_VALUE_MAX = 120
 _MAX_SPLITS = 16
 _LABEL_NAME_BAD = re.compile(r"[^a-zA-Z0-9_]")
-_CPU = torch.device("cpu")
+_SCRAPE_WAIT = 1.0  # seconds a scrape waits for the device copies it started
 
 
 def _is_number(value: Any) -> bool:
@@ -40,6 +42,13 @@ def _check_number(where: str, name: str, value: Any) -> None:
     if value is not None and not _is_number(value):
         what = f"a tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
         raise TypeError(f"{where}: {name} must be a number or a one-element tensor, got {what}")
+    if _is_partial_dtensor(value):
+        raise TypeError(f"{where}: {name} is a DTensor sharded or partial over ranks; pass {name}.full_tensor()")
+
+
+def _is_partial_dtensor(value: Any) -> bool:
+    placements = getattr(value, "placements", None) if isinstance(value, torch.Tensor) else None
+    return placements is not None and not all(p.is_replicate() for p in placements)
 
 
 def _check_count(where: str, name: str, value: Any) -> None:
@@ -72,23 +81,6 @@ def _config_labels(config: Optional[Mapping[str, Any]], limit: int) -> Tuple[Dic
         name = "config_" + _LABEL_NAME_BAD.sub("_", key)
         labels[name] = str(value)[:_LABEL_VALUE_MAX]
     return labels, max(0, len(flat) - limit)
-
-
-def _layer_groups(names: Sequence[str], depth: int, limit: int) -> Tuple[List[int], List[str], int]:
-    """Group parameter names by their first ``depth`` module components, at most ``limit`` groups.
-
-    Groups past the limit share one more group, "other"; returns (group index per name, group names, merged).
-    """
-    keys = [".".join(name.split(".")[:-1][:depth]) or "(root)" for name in names]
-    index: Dict[str, int] = {}
-    for key in keys:
-        if key not in index:
-            index[key] = min(len(index), limit)
-    labels = [key for key, i in index.items() if i < limit]
-    merged = len(index) - len(labels)
-    if merged:
-        labels.append("other")
-    return [index[key] for key in keys], labels, merged
 
 
 class TrainingExporter:
@@ -129,23 +121,17 @@ class TrainingExporter:
         info = {"world_size": str(self.placement.world_size), "local_rank": str(self.placement.local_rank),
                 "host": socket.gethostname(), "version": __version__, **config_labels}
 
-        self._detail_every = detail_every
-        self._layer_depth = layer_depth
-        self._max_layers = max_layers
         self._max_eval_series = max_eval_series
-        self._reader = AsyncReader()
-        self._accumulators: Dict[torch.device, StepAccumulator] = {}
-        self._watched: List[Tuple[Any, GradStats, List[str]]] = []  # (optimizer or None, stats, layer names)
-        self._hooks: List[Any] = []
-        self._pending_grad: Optional[torch.Tensor] = None
-        self._stepped = False
-        self._optimizer_steps = 0
         self._last_step_clock: Optional[float] = None
         self._faulted: set = set()
         self._closed = False
+        self._warned_closed = False
 
         self.state = RunState(self.run, self.rank, info, float(max_window), refresh=self._refresh)
         self.state.dropped["config"] += config_dropped
+        self._totals = DeviceTotals(self.state.merge_steps)
+        self._steps = StepModel(self.state, self._totals, self._fault, rank=self.rank, detail_every=detail_every,
+                                layer_depth=layer_depth, max_layers=max_layers)
         if registry is None:
             registry = CollectorRegistry()
             ProcessCollector(registry=registry)
@@ -160,80 +146,25 @@ class TrainingExporter:
         self._lifecycle = Lifecycle(self.state, registry, self.close, handle_sigterm)
 
     # ----------------------------------------------------------------------------------------------- hooks
-    def watch(self, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer] = None) -> None:
+    def watch(self, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer] = None, *,
+              scaler: Any = None, name: Optional[str] = None) -> None:
         """Publish gradient statistics and learning rates on every ``optimizer.step()``, through hooks.
 
         Without an optimizer, gradient statistics are taken at ``log_step`` from the model's gradients, so call
-        it before ``zero_grad()`` in that case.
+        it before ``zero_grad()`` in that case. Pass the ``torch.amp.GradScaler`` when one is used: the steps it
+        skips are then counted as skips, not as non-finite gradients. ``name`` prefixes the layer labels of this
+        model (default: none for the first model watched, ``model1``, ``model2``, ... for the next ones).
         """
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"watch(): model must be a torch.nn.Module, got {type(model).__name__}")
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"watch(): optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        if optimizer is not None and any(opt is optimizer for opt, _, _ in self._watched):
-            raise ValueError("watch(): this optimizer is already watched; its steps would be counted twice")
-        self._check_open("watch()")
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        if optimizer is not None:
-            in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
-            named = [(n, p) for n, p in named if id(p) in in_optimizer]
-        names = [n for n, _ in named]
-        params = [p for _, p in named]
-        if self._layer_depth > 0 and self._max_layers > 0:
-            groups, layers, merged = _layer_groups(names, self._layer_depth, self._max_layers)
-            with self.state.lock:
-                self.state.dropped["layer"] += merged
-            stats = GradStats(params, groups, len(layers))
-        else:
-            stats, layers = GradStats(params), []
-        index = len(self._watched)
-        self._watched.append((optimizer, stats, layers))
-        if optimizer is not None:
-            self._hooks.append(optimizer.register_step_pre_hook(
-                lambda opt, args, kwargs: self._before_optimizer_step(index)))
-            self._hooks.append(optimizer.register_step_post_hook(
-                lambda opt, args, kwargs: self._after_optimizer_step(index, opt)))
-
-    def _before_optimizer_step(self, index: int) -> None:
-        try:
-            self._take_grad_stats(index)
-        except Exception as exc:  # a fault of ours must never break the training step
-            self._fault("hook", exc)
-
-    def _after_optimizer_step(self, index: int, optimizer: torch.optim.Optimizer) -> None:
-        try:
-            self._stepped = True
-            prefix = f"{index}." if index else ""
-            for i, group in enumerate(optimizer.param_groups):
-                self._publish_lr(prefix + str(i), group.get("lr"))
-        except Exception as exc:
-            self._fault("hook", exc)
-
-    def _take_grad_stats(self, index: int) -> None:
-        _, stats, layers = self._watched[index]
-        norm, layer_norms = stats.compute()
-        if norm is None:
-            return
-        # Two optimizers stepping in one training step (GANs): their norms combine into one global norm.
-        if self._pending_grad is not None:
-            norm = (self._pending_grad.square() + norm.to(self._pending_grad.device).square()).sqrt()
-        self._pending_grad = norm
+        if scaler is not None and not callable(getattr(scaler, "update", None)):
+            raise TypeError(f"watch(): scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
+        if self._closed:
+            raise RuntimeError(f"watch() called after close() on the exporter of run {self.run!r}")
         with self.state.lock:
-            if layer_norms is not None:
-                self._reader.submit(layer_norms, lambda v: self.state.layer_norms.update(zip(layers, map(float, v))))
-            self._optimizer_steps += 1
-            if self._detail_every and self._optimizer_steps % self._detail_every == 0:
-                mean = stats.mean()
-                if mean is not None:
-                    self._reader.submit(mean, lambda v: setattr(self.state, "grad_mean", float(v)))
-
-    def _publish_lr(self, group: str, lr: Any) -> None:
-        if isinstance(lr, torch.Tensor):
-            with self.state.lock:
-                self._reader.submit(lr.reshape(()), lambda v: self.state.lrs.__setitem__(group, float(v)))
-        elif lr is not None:
-            with self.state.lock:
-                self.state.lrs[group] = float(lr)
+            self._steps.watch(model, optimizer, scaler, name)
 
     def _fault(self, where: str, exc: BaseException) -> None:
         with self.state.lock:
@@ -253,7 +184,8 @@ class TrainingExporter:
         _check_count(where, "samples", samples)
         _check_count(where, "step", step)
         lrs = self._check_lr(lr)
-        self._check_open(where)
+        if self._after_close(where):
+            return
         self._lifecycle.stepped()
         try:
             self._log_step(loss, samples, grad_norm, lrs, step)
@@ -263,40 +195,23 @@ class TrainingExporter:
     def _log_step(self, loss, samples, grad_norm, lrs, step) -> None:
         now = time.time()
         clock = time.perf_counter()
-        skipped = any(opt is not None for opt, _, _ in self._watched) and not self._stepped
-        for i, (opt, _, _) in enumerate(self._watched):
-            if opt is None:  # watched without an optimizer: gradients are read here
-                self._take_grad_stats(i)
-        norm = grad_norm if grad_norm is not None else self._pending_grad
-        self._pending_grad = None
-        self._stepped = False
-
-        loss_t = self._as_tensor(loss)
-        norm_t = self._as_tensor(norm)
         with self.state.lock:
-            if loss_t is not None and norm_t is not None and loss_t.device != norm_t.device:
-                self._accumulator(loss_t.device).add(loss_t, None, skipped)
-                self._accumulator(norm_t.device).add(None, norm_t, skipped)
-            elif loss_t is not None or norm_t is not None:
-                device = (loss_t if loss_t is not None else norm_t).device
-                self._accumulator(device).add(loss_t, norm_t, skipped)
-            for acc in self._accumulators.values():
-                acc.snapshot(self._reader, lambda v, when=now: self.state.merge_steps(v, when))
-            self._apply(self._reader.poll())
-
             st = self.state
-            st.step = step if step is not None else st.step + 1
-            st.last_step_time = now
+            closed = self._steps.log_step(self._as_tensor(loss), self._as_tensor(grad_norm))
+            if step is not None:
+                st.step = step
+            if closed:
+                st.last_step_time = now
+                if self._last_step_clock is not None:
+                    st.duration_sum += clock - self._last_step_clock
+                    st.duration_count += closed
+                self._last_step_clock = clock
             if samples is not None:
                 st.samples += samples
-            if skipped:
-                st.skipped += 1
-            if self._last_step_clock is not None:
-                st.duration_sum += clock - self._last_step_clock
-                st.duration_count += 1
             for group, value in lrs.items():
-                self._publish_lr(group, value)
-        self._last_step_clock = clock
+                self._steps.publish_lr(group, value)
+            self._totals.snapshot(now)
+            self._apply(self._totals.reader.poll())
 
     def log_eval(self, split: str, *, loss: Any = None, metrics: Optional[Mapping[str, Any]] = None,
                  step: Optional[int] = None) -> None:
@@ -316,14 +231,16 @@ class TrainingExporter:
             if not isinstance(name, str) or not name:
                 raise TypeError(f"{where}: metric names must be non-empty strings, got {name!r}")
             _check_number(where, f"metric {name!r}", value)
-        self._check_open(where)
+        if self._after_close(where):
+            return
         with self.state.lock:
             st = self.state
             if split not in st.eval_steps and len(st.eval_steps) >= _MAX_SPLITS:
                 st.dropped["eval"] += 1
                 return
+            st.evals[split] = st.evals.get(split, 0) + 1
             if loss is not None:
-                self._set_value(loss, lambda v: st.losses.__setitem__(split, v))
+                self._set_value(loss, lambda v: st.eval_loss(split, v))
             for name, value in (metrics or {}).items():
                 key = (split, name)
                 if key not in st.eval_metrics and len(st.eval_metrics) >= self._max_eval_series:
@@ -350,14 +267,14 @@ class TrainingExporter:
             raise ValueError(f"close(): status must be one of {', '.join(_STATUSES)}, got {status!r}")
         if not self._closed:
             self._closed = True
-            for hook in self._hooks:
-                hook.remove()
-            self._hooks.clear()
             self._lifecycle.close()
             with self.state.lock:
-                for acc in self._accumulators.values():
-                    acc.snapshot(self._reader, lambda v, when=time.time(): self.state.merge_steps(v, when))
-                self._apply(self._reader.flush())
+                self._steps.remove()
+                self._steps.finish()
+                # A snapshot still in flight would make the last one wait for the next: land it first.
+                self._apply(self._totals.reader.flush())
+                self._totals.snapshot(time.time())
+                self._apply(self._totals.reader.flush())
                 self.state.status = status
         if stop_server and self._server is not None:
             self._server.stop()
@@ -370,9 +287,14 @@ class TrainingExporter:
         self.close(self._lifecycle.exit_status(exc_type, exc))
 
     # ------------------------------------------------------------------------------------------- internals
-    def _check_open(self, where: str) -> None:
-        if self._closed:
-            raise RuntimeError(f"{where} called after close() on the exporter of run {self.run!r}")
+    def _after_close(self, where: str) -> bool:
+        """True after close(): the call is a no-op, warned about once (a signal handler may close the exporter
+        while the loop still runs; that must not crash training)."""
+        if self._closed and not self._warned_closed:
+            self._warned_closed = True
+            log.warning("training exporter: %s called after close() on run %r is ignored (warned once)", where,
+                        self.run)
+        return self._closed
 
     @staticmethod
     def _check_lr(lr: Any) -> Dict[str, Any]:
@@ -392,19 +314,15 @@ class TrainingExporter:
         if value is None:
             return None
         if isinstance(value, torch.Tensor):
+            if hasattr(value, "to_local"):  # a replicated DTensor, as clip_grad_norm_ returns under FSDP2
+                value = value.to_local()
             return value.detach().reshape(())
         return torch.tensor(float(value), dtype=torch.float64)
-
-    def _accumulator(self, device: torch.device) -> StepAccumulator:
-        acc = self._accumulators.get(device)
-        if acc is None:
-            acc = self._accumulators[device] = StepAccumulator(device)
-        return acc
 
     def _set_value(self, value: Any, setter) -> None:
         """Publish a number now, a tensor once its asynchronous copy has completed. Call with the lock held."""
         if isinstance(value, torch.Tensor):
-            self._reader.submit(value.reshape(()), lambda v: setter(float(v)))
+            self._totals.reader.submit(value.reshape(()), lambda v: setter(float(v)))
         else:
             setter(float(value))
 
@@ -416,18 +334,35 @@ class TrainingExporter:
                 self._fault("reader", exc)
 
     def _refresh(self) -> None:
+        """At each scrape: publish what the device has finished, even while the training thread is elsewhere (a
+        long evaluation, a checkpoint, a hang). Waiting for a device copy happens here, off the training thread
+        and without the lock."""
         try:
+            deadline = time.monotonic() + _SCRAPE_WAIT
+            # Two rounds: the first lands a snapshot the training thread left in flight, the second takes and lands
+            # what waited behind it.
+            for _ in range(2):
+                with self.state.lock:
+                    self._apply(self._totals.reader.poll())
+                    self._totals.snapshot(time.time())
+                    waiting = self._totals.reader.pending_events()
+                if not waiting:
+                    break
+                while any(not e.query() for e in waiting) and time.monotonic() < deadline:
+                    time.sleep(0.005)
             with self.state.lock:
-                self._apply(self._reader.poll())
+                self._apply(self._totals.reader.poll())
         except Exception as exc:
             self._fault("collect", exc)
 
     # ------------------------------------------------------------------------------------------- lifecycle
-    def phase(self, name: str) -> PhaseBlock:
+    def phase(self, name: str) -> Union[PhaseBlock, ContextManager[None]]:
         """Mark what the loop does now ("eval", "checkpoint", ...): each phase has its own allowance in the
         rules before the run counts as hung. Use ``with exp.phase("checkpoint"):`` to return to the phase
         before at the end of the block; without ``with``, the phase lasts until the next ``phase()`` call.
         A run is in "startup" until its first ``log_step`` and in "train" after it.
         """
-        self._check_open("phase()")
+        if self._after_close("phase()"):
+            # Like log_step: a signal handler may close the exporter while the loop still runs.
+            return contextlib.nullcontext()
         return self._lifecycle.phase(name)

@@ -8,14 +8,15 @@ between two reads (non-finite steps, the largest loss, sums for means) accumulat
 from __future__ import annotations
 
 import collections
-import itertools
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+import contextlib
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
 
-# Rows of the accumulator; its two columns are the train loss and the global gradient norm.
-SUM, COUNT, NONFINITE, MAX, LAST = range(5)
+# Rows of the accumulator; its two columns are the train loss and the global gradient norm. The first rows add up.
+SUM, COUNT, POS, NEG, SQ, NONFINITE, SKIPPED, MAX, LAST = range(9)
+_ADDED = SKIPPED + 1
 LOSS, GRAD = 0, 1
 
 
@@ -52,6 +53,10 @@ class AsyncReader:
             ready.append((callback, host.numpy()))
         return ready
 
+    def pending_events(self) -> List[torch.cuda.Event]:
+        """The events of the copies in flight, for a thread that may wait on them (never the training thread)."""
+        return [event for event, _, _ in self._pending if event is not None]
+
     def flush(self) -> List[Tuple[Callable, np.ndarray]]:
         """Wait for every copy in flight (only off the hot path: close, tests) and take them all."""
         for event, _, _ in self._pending:
@@ -65,48 +70,75 @@ class StepAccumulator:
 
     Updated with a constant number of small kernels per step and never read on the training thread; a snapshot
     is copied out by ``AsyncReader`` and the device copy reset, in stream order, so no step is lost or counted twice.
+    Finite micro-batch losses wait on the device until their optimizer step closes.
     """
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
-        self._init = torch.tensor(
-            [[0.0, 0.0], [0.0, 0.0], [0.0, 0.0], [-np.inf, -np.inf], [np.nan, np.nan]],
-            dtype=torch.float64, device=device,
-        )
+        self._init = torch.zeros(SKIPPED + 3, 2, dtype=torch.float64, device=device)
+        self._init[MAX] = -np.inf  # fills on the device, not copies from the host
+        self._init[LAST] = np.nan
         self.acc = self._init.clone()
-        # Which columns a step fills, and whether their non-finite values count: host-known, so every mask is
-        # built here once instead of copied to the device (a host-to-device copy) during training.
-        self._masks: Dict[Tuple[bool, bool, bool], Tuple[torch.Tensor, torch.Tensor]] = {}
-        for key in itertools.product((False, True), repeat=3):
-            present = torch.tensor(key[:2], dtype=torch.bool, device=device)
-            self._masks[key] = (present, present & (not key[2]))
-        self._neg_inf = torch.tensor(-np.inf, dtype=torch.float64, device=device)
-        self._zero = torch.tensor(0.0, dtype=torch.float64, device=device)
-        self._nan = torch.tensor(np.nan, dtype=torch.float64, device=device)
+        self._zero = torch.zeros((), dtype=torch.float64, device=device)
+        self._neg_inf = torch.full((), -np.inf, dtype=torch.float64, device=device)
+        self._true = torch.ones((), dtype=torch.bool, device=device)
+        self._nan = torch.full((), np.nan, dtype=torch.float64, device=device)
+        self._pending = torch.zeros(2, dtype=torch.float64, device=device)  # finite micro-batch losses: sum, count
+        self.pending = False
         self.dirty = False
         self.in_flight = False
+        self._stream = None  # the CUDA stream the training thread updates on; a scrape snapshots on it too
 
-    def add(self, loss: Optional[torch.Tensor], grad_norm: Optional[torch.Tensor], skipped: bool = False) -> None:
-        """Fold one step's loss and/or gradient norm (0-dim tensors on this device) into the accumulator.
+    def fold_loss(self, loss: torch.Tensor) -> None:
+        """Add one loss (0-dim, this device) to the open optimizer step. A non-finite one is counted at once, so
+        that a loop that skips its update for it, or a step that never comes, still shows it."""
+        x = loss.reshape(()).to(torch.float64)
+        finite = torch.isfinite(x)
+        self._pending += torch.stack([torch.where(finite, x, self._zero), finite.to(torch.float64)])
+        column = self.acc[:, LOSS]
+        column[NONFINITE] += (~finite).to(torch.float64)
+        column[LAST] = torch.where(finite, column[LAST], x)
+        self._touched()
+        self.pending = True
 
-        On a step the optimizer skipped (a gradient scaler found infinite gradients), non-finite values are
-        expected and neither counted nor published; finite ones are.
-        """
-        present, counted = self._masks[(loss is not None, grad_norm is not None, skipped)]
-        x = torch.stack([
-            (loss if loss is not None else self._nan).reshape(()).to(torch.float64),
-            (grad_norm if grad_norm is not None else self._nan).reshape(()).to(torch.float64),
+    def close_loss(self, weight: int) -> None:
+        """Close the open step's loss, the mean of its finite losses, standing for ``weight`` optimizer steps
+        (interval logging: one loss for several steps; 0 drops it)."""
+        if not self.pending:
+            return
+        total, n = self._pending[0], self._pending[1]
+        self._fold(LOSS, torch.where(n > 0, total / n, self._nan), weight, n == 0)
+        self._pending.zero_()
+        self.pending = False
+
+    def add_grad(self, norm: torch.Tensor, skipped: Union[bool, torch.Tensor, None] = None) -> None:
+        """Fold one optimizer step's global gradient norm. ``skipped`` marks a step a gradient scaler skipped:
+        its non-finite norm is expected, not counted as non-finite. A device bool is the scaler's own verdict and
+        is also counted as a skip; ``True`` is a skip the host already knows and counts."""
+        expected = self._true if skipped is True else (skipped if isinstance(skipped, torch.Tensor) else None)
+        self._fold(GRAD, norm.reshape(()).to(torch.float64), 1, expected,
+                   skipped if isinstance(skipped, torch.Tensor) else None)
+
+    def _fold(self, col: int, x: torch.Tensor, weight: int, expected: Optional[torch.Tensor],
+              skip: Optional[torch.Tensor] = None) -> None:
+        finite = torch.isfinite(x)
+        bad = ~finite if expected is None else ~finite & ~expected
+        kept = torch.where(finite, x, self._zero)
+        w = float(weight)
+        added = torch.stack([
+            kept * w, finite.to(torch.float64) * w, kept.clamp(min=0) * w, (-kept).clamp(min=0) * w,
+            kept.square() * w, bad.to(torch.float64), self._zero if skip is None else skip.to(torch.float64),
         ])
-        isfinite = torch.isfinite(x)
-        finite = isfinite & present
-        bad = counted & ~isfinite
-        acc = self.acc
-        acc[SUM] += torch.where(finite, x, self._zero)
-        acc[COUNT] += finite
-        acc[NONFINITE] += bad
-        torch.maximum(acc[MAX], torch.where(finite, x, self._neg_inf), out=acc[MAX])
-        acc[LAST] = torch.where(finite | bad, x, acc[LAST])
+        column = self.acc[:, col]
+        column[:_ADDED] += added
+        torch.maximum(column[MAX], torch.where(finite, x, self._neg_inf), out=column[MAX])
+        column[LAST] = torch.where(finite | bad, x, column[LAST])
+        self._touched()
+
+    def _touched(self) -> None:
         self.dirty = True
+        if self.device.type == "cuda":
+            self._stream = torch.cuda.current_stream(self.device)
 
     def snapshot(self, reader: AsyncReader, callback: Callable[[np.ndarray], None]) -> bool:
         """Copy the accumulated values out and reset; skipped while the previous snapshot is still in flight."""
@@ -119,75 +151,40 @@ class StepAccumulator:
             self.in_flight = False
             callback(values)
 
-        reader.submit(self.acc, done)
-        self.acc.copy_(self._init)  # ordered after the copy on the same stream
+        with torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext():
+            reader.submit(self.acc, done)
+            self.acc.copy_(self._init)  # ordered after the copy and after every update, on the same stream
         return True
 
 
-def _present_grads(params: Sequence[torch.nn.Parameter]) -> Tuple[List[int], List[torch.Tensor]]:
-    idx, grads = [], []
-    for i, p in enumerate(params):
-        g = p.grad
-        if g is not None:
-            if g.is_sparse:
-                g = g.coalesce()._values()
-            idx.append(i)
-            grads.append(g.detach())
-    return idx, grads
+class DeviceTotals:
+    """The accumulators of every device a loss or a norm lives on, and the reader that brings them home.
 
-
-class GradStats:
-    """Global and per-layer-group gradient L2 norms with a constant number of kernel launches per device.
-
-    ``params`` is a fixed list of parameters; ``groups[i]`` is the layer-group index of ``params[i]`` (or None
-    for no per-layer norms).
+    ``publish`` receives each snapshot with the time it was taken. Not thread-safe: the owner holds its lock.
     """
 
-    def __init__(self, params: Sequence[torch.nn.Parameter], groups: Optional[Sequence[int]] = None,
-                 n_groups: int = 0) -> None:
-        self.params = list(params)
-        self.groups = list(groups) if groups is not None else None
-        self.n_groups = n_groups
-        self._index_cache: Dict[Tuple[torch.device, Tuple[int, ...]], torch.Tensor] = {}
+    def __init__(self, publish: Callable[[np.ndarray, float], None]) -> None:
+        self.reader = AsyncReader()
+        self._publish = publish
+        self._accumulators: Dict[torch.device, StepAccumulator] = {}
 
-    def compute(self) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-        """Return (global norm, per-group norms) as device tensors, or (None, None) when no gradient exists."""
-        idx, grads = _present_grads(self.params)
-        if not grads:
-            return None, None
-        by_device: Dict[torch.device, Tuple[List[int], List[torch.Tensor]]] = {}
-        for i, g in zip(idx, grads):
-            entry = by_device.setdefault(g.device, ([], []))
-            entry[0].append(i)
-            entry[1].append(g)
-        home = grads[0].device
-        total_sq = None
-        group_sq = None
-        for device, (d_idx, d_grads) in by_device.items():
-            norms = torch._foreach_norm(d_grads, 2)
-            sq = torch.stack(norms).to(torch.float64).square()
-            part = sq.sum().to(home, non_blocking=True)
-            total_sq = part if total_sq is None else total_sq + part
-            if self.groups is not None:
-                index = self._group_index(device, d_idx)
-                gsq = torch.zeros(self.n_groups, dtype=torch.float64, device=device).index_add_(0, index, sq)
-                gsq = gsq.to(home, non_blocking=True)
-                group_sq = gsq if group_sq is None else group_sq + gsq
-        return total_sq.sqrt(), (group_sq.sqrt() if group_sq is not None else None)
+    def on(self, device: torch.device) -> StepAccumulator:
+        acc = self._accumulators.get(device)
+        if acc is None:
+            acc = self._accumulators[device] = StepAccumulator(device)
+        return acc
 
-    def mean(self) -> Optional[torch.Tensor]:
-        """Mean over parameters of each gradient's mean (the seed's ``grad_mean``): one small kernel per tensor,
-        so it runs on an interval, not every step."""
-        _, grads = _present_grads(self.params)
-        if not grads:
-            return None
-        home = grads[0].device
-        return torch.stack([g.mean(dtype=torch.float32).to(home, non_blocking=True) for g in grads]).mean()
+    def close_loss(self, weight: int) -> None:
+        """Close the open step's loss on every device (see ``StepAccumulator.close_loss``)."""
+        for acc in self._accumulators.values():
+            acc.close_loss(weight)
 
-    def _group_index(self, device: torch.device, present: List[int]) -> torch.Tensor:
-        key = (device, tuple(present))
-        index = self._index_cache.get(key)
-        if index is None:
-            index = torch.tensor([self.groups[i] for i in present], dtype=torch.long, device=device)
-            self._index_cache[key] = index
-        return index
+    def snapshot(self, when: float) -> None:
+        """Start copying out what every accumulator holds (those not still in flight)."""
+        for acc in self._accumulators.values():
+            acc.snapshot(self.reader, lambda v, when=when: self._publish(v, when))
+
+    def in_flight(self) -> bool:
+        return any(acc.in_flight for acc in self._accumulators.values())
+
+

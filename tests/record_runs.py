@@ -29,6 +29,14 @@ def record(scenario: str) -> dict:
     samples = []
     original = exp.log_step
 
+    seen = {"time": None, "at": None}
+
+    def nonfinite_minute(minute):
+        """The replay's time of the last non-finite step: the minute whose sample first saw it."""
+        if st.last_nonfinite_time != seen["time"]:
+            seen["time"], seen["at"] = st.last_nonfinite_time, minute * 60
+        return seen["at"]
+
     def log_step(*args, **kwargs):
         original(*args, **kwargs)
         if st.step % STEPS_PER_SCRAPE == 0:
@@ -48,6 +56,16 @@ def record(scenario: str) -> dict:
                 "training_loss_nonfinite_total": st.loss_nonfinite,
                 "training_grad_nonfinite_total": st.grad_nonfinite,
                 "training_scaler_skipped_steps_total": st.skipped,
+                "training_loss_steps_total": st.loss_count,
+                "training_loss_positive_sum_total": st.loss_pos,
+                "training_loss_negative_sum_total": st.loss_neg,
+                "training_loss_squared_sum_total": st.loss_sq,
+                "training_grad_norm_steps_total": st.grad_count,
+                "training_grad_norm_sum_total": st.grad_sum,
+                "training_last_nonfinite_timestamp_seconds": nonfinite_minute(minute),
+                'training_evals_total{split="val"}': st.evals.get("val"),
+                'training_eval_loss_best{split="val"}': st.eval_best.get("val"),
+                'training_evals_since_best{split="val"}': st.evals_since_best.get("val"),
                 "training_last_step_timestamp_seconds": minute * 60,
             })
 

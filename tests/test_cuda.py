@@ -52,3 +52,135 @@ def test_copies_land_in_pinned_memory():
     _, host, _ = reader._pending[0]
     assert host.is_pinned()
     assert [list(v) for _, v in reader.flush()] == [[1.0, 1.0, 1.0, 1.0]]
+
+
+# ---------------------------------------------------------------------- loop and model shapes on the GPU
+# The training code of these rows synchronises by itself (a scaler's skip decision, a mixed-device backward), so
+# the sync check covers exactly the exporter: its optimizer hooks (a probe hook registered before them turns the
+# check on, one registered after turns it off), the scaler's update and log_step.
+
+def _probe(optimizer):
+    """Optimizer hooks around the exporter's: the exporter's hooks run with the sync check on."""
+    optimizer.register_step_pre_hook(lambda *_: torch.cuda.set_sync_debug_mode("error"))
+    return lambda: optimizer.register_step_post_hook(lambda *_: torch.cuda.set_sync_debug_mode(0))
+
+
+class _SyncChecked:
+    def __enter__(self):
+        torch.cuda.set_sync_debug_mode("error")
+
+    def __exit__(self, *exc):
+        torch.cuda.set_sync_debug_mode(0)
+
+
+def _norm64(params):
+    return math.sqrt(sum(float((p.grad.double() ** 2).sum()) for p in params if p.grad is not None))
+
+
+def test_amp_with_scaler_skips_counted_without_synchronising(registry):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 8)).cuda()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cuda", init_scale=2.0 ** 10)
+    after = _probe(optimizer)
+    exp = TrainingExporter(run="cuda", port=0, addr="127.0.0.1", registry=registry)
+    exp.watch(model, optimizer, scaler=scaler)
+    after()
+    x, y = torch.randn(32, 64, device="cuda"), torch.randn(32, 8, device="cuda")
+    norms, skipped = [], 0
+    for i in range(30):
+        with torch.autocast("cuda", dtype=torch.float16):
+            loss = nn.functional.mse_loss(model(x).float(), y)
+        optimizer.zero_grad()
+        scaler.scale(loss).backward()
+        if i % 10 == 5:
+            model[2].weight.grad[0, 0] = float("inf")
+        scaler.unscale_(optimizer)
+        norm = _norm64(model.parameters())
+        if math.isfinite(norm):
+            norms.append(norm)
+        else:
+            skipped += 1
+        scaler.step(optimizer)
+        with _SyncChecked():
+            scaler.update()
+            exp.log_step(loss=loss.detach(), samples=32)
+    exp.close(stop_server=True)
+    labels = {"run": "cuda", "rank": "0"}
+    assert registry.get_sample_value("training_scaler_skipped_steps_total", labels) == skipped == 3
+    assert registry.get_sample_value("training_grad_nonfinite_total", labels) == 0
+    assert registry.get_sample_value("training_step", labels) == 30
+    assert registry.get_sample_value("training_grad_norm", labels) == pytest.approx(norms[-1], rel=1e-4)
+    print(f"\nAMP on {torch.cuda.get_device_name()}: norm {registry.get_sample_value('training_grad_norm', labels):.6f}"
+          f" / {norms[-1]:.6f}, skipped {skipped}")
+
+
+class _TwoDevices(nn.Module):
+    """An embedding-like first layer on the CPU, the rest on the GPU."""
+
+    def __init__(self):
+        super().__init__()
+        self.cpu_part = nn.Linear(16, 64)
+        self.gpu_part = nn.Sequential(nn.ReLU(), nn.Linear(64, 512), nn.ReLU(), nn.Linear(512, 4)).cuda()
+
+    def forward(self, x):
+        return self.gpu_part(self.cpu_part(x).pin_memory().to("cuda", non_blocking=True))
+
+
+def test_mixed_device_norm_combines_parts_after_their_copies_landed(registry):
+    torch.manual_seed(0)
+    model = _TwoDevices()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    after = _probe(optimizer)
+    exp = TrainingExporter(run="cuda", port=0, addr="127.0.0.1", registry=registry)
+    exp.watch(model, optimizer)
+    after()
+    norms = []
+    for _ in range(10):
+        x = torch.randn(64, 16)
+        loss = model(x).square().sum() * 100  # large GPU-side gradients: a part read before landing shows
+        optimizer.zero_grad()
+        loss.backward()
+        norms.append(_norm64(model.parameters()))
+        optimizer.step()
+        with _SyncChecked():
+            exp.log_step(loss=loss.detach())
+    exp.close(stop_server=True)
+    labels = {"run": "cuda", "rank": "0"}
+    assert registry.get_sample_value("training_grad_norm", labels) == pytest.approx(norms[-1], rel=1e-4)
+    assert registry.get_sample_value("training_grad_norm_sum_total", labels) == pytest.approx(sum(norms), rel=1e-4)
+    published = registry.get_sample_value("training_grad_norm", labels)
+    print(f"\nmixed CPU+{torch.cuda.get_device_name()}: norm {published:.4f} / {norms[-1]:.4f}")
+
+
+def test_moe_on_the_gpu_builds_no_index_from_the_host(registry):
+    import random
+
+    torch.manual_seed(0)
+    rng = random.Random(0)
+    experts = nn.ModuleList(nn.Linear(32, 32) for _ in range(16)).cuda()
+    head = nn.Linear(32, 2).cuda()
+    model = nn.ModuleDict({"experts": experts, "head": head})
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    after = _probe(optimizer)
+    exp = TrainingExporter(run="cuda", port=0, addr="127.0.0.1", registry=registry, layer_depth=2, max_layers=32)
+    exp.watch(model, optimizer)
+    after()
+    x = torch.randn(64, 32, device="cuda")
+    norms = []
+    for step in range(2000):
+        chosen = rng.sample(range(16), 2)  # routing decided on the host: the model itself never syncs
+        loss = head(sum(experts[i](x) for i in chosen)).square().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if step == 1999:
+            norms.append(_norm64(model.parameters()))
+        optimizer.step()
+        with _SyncChecked():
+            exp.log_step(loss=loss.detach())
+    exp.close(stop_server=True)
+    labels = {"run": "cuda", "rank": "0"}
+    assert len(exp._steps.watched[0].stats.layouts) == 1
+    assert registry.get_sample_value("training_grad_norm", labels) == pytest.approx(norms[-1], rel=1e-4)
+    print(f"\nMoE on {torch.cuda.get_device_name()}: 2000 steps, grouping cache entries "
+          f"{len(exp._steps.watched[0].stats.layouts)}")

@@ -3,6 +3,7 @@ import math
 import socket
 import subprocess
 import sys
+import time
 import urllib.request
 
 import pytest
@@ -11,7 +12,7 @@ from prometheus_client import CollectorRegistry
 from torch import nn
 
 from exporter import METRICS, TrainingExporter
-from exporter.core import _layer_groups
+from exporter.grads import layer_groups
 from exporter.metrics import DROP_KINDS, ERROR_SITES
 
 from conftest import value
@@ -109,7 +110,7 @@ def test_one_step_spike_between_scrapes_is_kept(make_exporter, registry):
 def test_recent_max_forgets_old_steps(make_exporter, registry):
     exp = make_exporter(max_window=60)
     exp.log_step(loss=100.0)
-    exp.state._recent[0] = (exp.state._recent[0][0] - 120, *exp.state._recent[0][1:])  # age the spike
+    exp.state._recent[0][:2] = [t - 120 for t in exp.state._recent[0][:2]]  # age the spike
     exp.log_step(loss=1.0)
     assert value(registry, "training_loss_recent_max") == 1.0
 
@@ -250,11 +251,11 @@ def test_watch_without_optimizer_reads_gradients_at_log_step(make_exporter, regi
 def test_layer_groups_are_bounded():
     names = ["embed.weight", "layers.0.attn.weight", "layers.0.mlp.weight", "layers.1.attn.weight",
              "head.weight", "head.bias", "norm.weight", "scale"]
-    groups, labels, merged = _layer_groups(names, depth=1, limit=2)
+    groups, labels, merged = layer_groups(names, depth=1, limit=2)
     assert labels == ["embed", "layers", "other"]
     assert groups == [0, 1, 1, 1, 2, 2, 2, 2]
     assert merged == 3  # head, norm and (root) share "other"
-    groups, labels, _ = _layer_groups(names, depth=2, limit=16)
+    groups, labels, _ = layer_groups(names, depth=2, limit=16)
     assert labels == ["embed", "layers.0", "layers.1", "head", "norm", "(root)"]
 
 
@@ -265,7 +266,7 @@ def test_per_layer_cap_counts_merged_groups(make_exporter, registry):
     assert value(registry, "training_exporter_dropped_total", kind="layer") == 3
     layer_series = [s for m in registry.collect() if m.name == "training_layer_grad_norm" for s in m.samples]
     assert layer_series == []  # no step yet
-    optimizer = exp._watched[0][0]
+    optimizer = exp._steps.watched[0].optimizer
     model(torch.randn(2, 4)).sum().backward()
     optimizer.step()
     exp.log_step(loss=1.0)
@@ -302,7 +303,7 @@ def test_scaler_skipped_step_is_not_a_nonfinite_loss(make_exporter, registry):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
     exp = make_exporter()
-    exp.watch(model, optimizer)
+    exp.watch(model, optimizer, scaler=scaler)
     for i in range(4):
         loss = nn.functional.mse_loss(model(torch.randn(4, 8)), torch.randn(4, 2))
         optimizer.zero_grad()
@@ -372,7 +373,7 @@ def test_fault_in_hook_is_counted_and_logged_once(make_exporter, registry, monke
     def broken(self):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr("exporter.device_stats.GradStats.compute", broken)
+    monkeypatch.setattr("exporter.grads.GradStats.compute", broken)
     with caplog.at_level(logging.ERROR, logger="exporter"):
         train_steps(exp, model, optimizer, 3)  # training goes on
     assert value(registry, "training_exporter_errors_total", where="hook") == 3
@@ -412,8 +413,8 @@ def test_close_publishes_end_and_keeps_serving(make_exporter, registry):
     assert value(registry, "training_run_status", status="running") == 0
     body = urllib.request.urlopen(f"http://127.0.0.1:{exp.port}/metrics", timeout=5).read().decode()
     assert 'training_run_status{rank="0",run="test-run",status="failed"} 1.0' in body
-    with pytest.raises(RuntimeError, match="after close"):
-        exp.log_step(loss=1.0)
+    exp.log_step(loss=1.0)  # a no-op: see test_log_step_after_close_is_a_no_op_warned_once
+    assert value(registry, "training_step") == 1
 
 
 @pytest.mark.parametrize("error, status", [(None, "completed"), (ValueError, "failed"),
@@ -465,3 +466,50 @@ def test_shared_registry_is_used_as_given():
         assert registry.get_sample_value("process_resident_memory_bytes") is None
     finally:
         exp.close(stop_server=True)
+
+
+def test_loss_counters_give_exact_means_also_for_negative_losses(make_exporter, registry):
+    exp = make_exporter()
+    losses = [2.0, -1.5, float("nan"), 0.5, -3.0]
+    for loss in losses:
+        exp.log_step(loss=torch.tensor(loss))
+    finite = [x for x in losses if math.isfinite(x)]
+    assert value(registry, "training_loss_steps_total") == len(finite)
+    pos, neg = value(registry, "training_loss_positive_sum_total"), value(registry, "training_loss_negative_sum_total")
+    assert (pos, neg) == (2.5, 4.5)
+    assert (pos - neg) / len(finite) == pytest.approx(sum(finite) / len(finite))
+    assert value(registry, "training_loss_squared_sum_total") == pytest.approx(sum(x * x for x in finite))
+
+
+def test_grad_norm_counters_and_last_nonfinite_time(make_exporter, registry):
+    model = small_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    exp = make_exporter()
+    exp.watch(model, optimizer)
+    norms = []
+    before = None
+    for i in range(4):
+        optimizer.zero_grad()
+        nn.functional.mse_loss(model(torch.randn(4, 8)), torch.randn(4, 2)).backward()
+        norms.append(math.sqrt(sum(float((p.grad.double() ** 2).sum()) for p in model.parameters())))
+        optimizer.step()
+        if i == 2:
+            assert value(registry, "training_last_nonfinite_timestamp_seconds") is None
+            before = time.time()
+        exp.log_step(loss=float("nan") if i == 2 else 1.0)  # the NaN's time outlives the step after it
+    assert value(registry, "training_grad_norm_steps_total") == 4
+    assert value(registry, "training_grad_norm_sum_total") == pytest.approx(sum(norms), rel=1e-6)
+    assert before <= value(registry, "training_last_nonfinite_timestamp_seconds") <= time.time()
+
+
+def test_eval_best_and_evaluations_since_best(make_exporter, registry):
+    exp = make_exporter()
+    for loss in (1.0, 0.8, torch.tensor(0.9), 0.85):
+        exp.log_eval("val", loss=loss)
+    exp.log_eval("val", metrics={"accuracy": 0.5})
+    assert value(registry, "training_evals_total", split="val") == 5
+    assert value(registry, "training_eval_loss_best", split="val") == 0.8
+    assert value(registry, "training_evals_since_best", split="val") == 2
+    exp.log_eval("val", loss=0.7)
+    assert value(registry, "training_evals_since_best", split="val") == 0
+    assert value(registry, "training_eval_loss_best", split="val") == 0.7

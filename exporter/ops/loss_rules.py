@@ -75,6 +75,10 @@ def recording(t: Thresholds) -> Dict[str, str]:
             sum by ({ids}, rank) (rate(training_step_duration_seconds_sum{{{s}}}[{smooth}]))
               /
             sum by ({ids}, rank) (rate(training_step_duration_seconds_count{{{s}}}[{smooth}]))""",
+        # The global gradient norm of a job with sharded gradients (FSDP2), from each rank's share of the squared
+        # norm: the exporter starts no collective. Ranks are sampled at their own last step.
+        "run:training_grad_norm:global": f"""
+            sqrt(sum by ({ids}) (training_grad_norm_shard_squared{{{s}}}))""",
     }
 
 
