@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import logging
 import numbers
-import re
 import socket
 import time
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -16,14 +15,13 @@ from prometheus_client.platform_collector import PlatformCollector
 from . import __version__, runtime
 from .collector import RunState
 from .device_stats import AsyncReader, GradStats, StepAccumulator
-from .server import MetricsServer
+from .labels import ConfigLabels, bounded
+from .server import Endpoint, serve
 
 log = logging.getLogger("exporter")
 
 _STATUSES = ("completed", "failed", "interrupted")
-_LABEL_VALUE_MAX = 120
 _MAX_SPLITS = 16
-_LABEL_NAME_BAD = re.compile(r"[^a-zA-Z0-9_]")
 _CPU = torch.device("cpu")
 
 
@@ -48,29 +46,6 @@ def _check_count(where: str, name: str, value: Any) -> None:
         raise TypeError(f"{where}: {name} must be an int, got {type(value).__name__}")
     if value < 0:
         raise ValueError(f"{where}: {name} must be >= 0, got {value}")
-
-
-def _config_labels(config: Optional[Mapping[str, Any]], limit: int) -> Tuple[Dict[str, str], int]:
-    """Flatten ``config`` into ``config_<key>`` label pairs, at most ``limit``; returns (labels, dropped)."""
-    if config is None:
-        return {}, 0
-    if not isinstance(config, Mapping):
-        raise TypeError(f"config must be a mapping, got {type(config).__name__}")
-    flat: List[Tuple[str, Any]] = []
-
-    def walk(prefix: str, value: Any) -> None:
-        if isinstance(value, Mapping):
-            for k, v in value.items():
-                walk(f"{prefix}_{k}" if prefix else str(k), v)
-        else:
-            flat.append((prefix, value))
-
-    walk("", config)
-    labels: Dict[str, str] = {}
-    for key, value in flat[:limit]:
-        name = "config_" + _LABEL_NAME_BAD.sub("_", key)
-        labels[name] = str(value)[:_LABEL_VALUE_MAX]
-    return labels, max(0, len(flat) - limit)
 
 
 def _layer_groups(names: Sequence[str], depth: int, limit: int) -> Tuple[List[int], List[str], int]:
@@ -109,19 +84,24 @@ class TrainingExporter:
     def __init__(self, run: Optional[str] = None, *, port: Optional[int] = None, addr: Optional[str] = None,
                  config: Optional[Mapping[str, Any]] = None, registry: Optional[CollectorRegistry] = None,
                  max_window: float = 60.0, detail_every: int = 25, layer_depth: int = 1, max_layers: int = 16,
-                 max_eval_series: int = 32, max_config_labels: int = 32) -> None:
+                 max_eval_series: int = 32, max_config_labels: int = 32, config_allow: Optional[Sequence[str]] = None,
+                 config_deny: Optional[Sequence[str]] = None, close_timeout: float = 10.0,
+                 web_config: Optional[str] = None) -> None:
         for name, value in (("detail_every", detail_every), ("max_layers", max_layers),
                             ("max_eval_series", max_eval_series), ("max_config_labels", max_config_labels),
                             ("layer_depth", layer_depth)):
             _check_count("TrainingExporter()", name, value)
         if not _is_number(max_window) or max_window <= 0:
             raise ValueError(f"TrainingExporter(): max_window must be a positive number of seconds, got {max_window!r}")
+        if not _is_number(close_timeout) or not close_timeout >= 0:
+            raise ValueError(f"TrainingExporter(): close_timeout must be a number of seconds >= 0, got {close_timeout!r}")
         self.placement = runtime.placement()
         self.run = runtime.resolve_run(run)
         self.rank = self.placement.rank
         port = runtime.resolve_port(port, self.placement.local_rank)
         addr = runtime.resolve_addr(addr)
-        config_labels, config_dropped = _config_labels(config, max_config_labels)
+        config_labels, config_dropped = ConfigLabels(config_allow, config_deny, max_config_labels).labels(config)
+        web_config = runtime.resolve_web_config(web_config)
         info = {"world_size": str(self.placement.world_size), "local_rank": str(self.placement.local_rank),
                 "host": socket.gethostname(), "version": __version__, **config_labels}
 
@@ -139,6 +119,7 @@ class TrainingExporter:
         self._last_step_clock: Optional[float] = None
         self._faulted: set = set()
         self._closed = False
+        self._close_timeout = float(close_timeout)
 
         self.state = RunState(self.run, self.rank, info, float(max_window), refresh=self._refresh)
         self.state.dropped["config"] += config_dropped
@@ -149,10 +130,11 @@ class TrainingExporter:
             GCCollector(registry=registry)
         self.registry = registry
         registry.register(self.state)
-        self._server: Optional[MetricsServer] = MetricsServer(port, addr, registry)
+        self._server: Optional[Endpoint] = serve(registry, port, addr, web_config)
         self.port: int = self._server.port
         self.addr = addr
-        log.info("serving metrics of run %r rank %d on http://%s:%d/metrics", self.run, self.rank, addr, self.port)
+        log.info("serving metrics of run %r rank %d on %s://%s:%d/metrics", self.run, self.rank, self._server.scheme,
+                 addr, self.port)
 
     # ----------------------------------------------------------------------------------------------- hooks
     def watch(self, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer] = None) -> None:
@@ -172,7 +154,7 @@ class TrainingExporter:
         if optimizer is not None:
             in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
             named = [(n, p) for n, p in named if id(p) in in_optimizer]
-        names = [n for n, _ in named]
+        names = [self._bounded(n, "layer") for n, _ in named]
         params = [p for _, p in named]
         if self._layer_depth > 0 and self._max_layers > 0:
             groups, layers, merged = _layer_groups(names, self._layer_depth, self._max_layers)
@@ -229,6 +211,13 @@ class TrainingExporter:
         elif lr is not None:
             with self.state.lock:
                 self.state.lrs[group] = float(lr)
+
+    def _bounded(self, name: str, kind: str) -> str:
+        name, cut = bounded(name)
+        if cut:
+            with self.state.lock:
+                self.state.dropped[kind] += 1
+        return name
 
     def _fault(self, where: str, exc: BaseException) -> None:
         with self.state.lock:
@@ -311,6 +300,8 @@ class TrainingExporter:
                 raise TypeError(f"{where}: metric names must be non-empty strings, got {name!r}")
             _check_number(where, f"metric {name!r}", value)
         self._check_open(where)
+        split = self._bounded(split, "eval")
+        metrics = {self._bounded(name, "eval"): value for name, value in (metrics or {}).items()}
         with self.state.lock:
             st = self.state
             if split not in st.eval_steps and len(st.eval_steps) >= _MAX_SPLITS:
@@ -338,7 +329,9 @@ class TrainingExporter:
         """Publish that the run ended (``completed``, ``failed`` or ``interrupted``) and remove the hooks.
 
         ``/metrics`` keeps being served until the process exits (or ``stop_server=True``), so that Prometheus
-        scrapes the final state and no hung or target-down alert fires for a finished run.
+        scrapes the final state and no hung or target-down alert fires for a finished run: at exit, the process
+        waits up to ``close_timeout`` seconds for that scrape (not at all when it already happened). A new
+        exporter on the same port takes the port over and serves this run's final series until scraped once.
         """
         if status not in _STATUSES:
             raise ValueError(f"close(): status must be one of {', '.join(_STATUSES)}, got {status!r}")
@@ -352,6 +345,8 @@ class TrainingExporter:
                     acc.snapshot(self._reader, lambda v, when=time.time(): self.state.merge_steps(v, when))
                 self._apply(self._reader.flush())
                 self.state.status = status
+            if self._server is not None:
+                self._server.close(self._close_timeout)
         if stop_server and self._server is not None:
             self._server.stop()
             self._server = None
