@@ -39,6 +39,12 @@ def _check_number(where: str, name: str, value: Any) -> None:
         raise TypeError(f"{where}: {name} must be a number or a one-element tensor, got {what}")
 
 
+def _host_scalar(value: torch.Tensor) -> torch.Tensor:
+    """A one-element tensor as a 0-dim one that numpy can hold once on the host (numpy has no bfloat16)."""
+    value = value.detach().reshape(())
+    return value.float() if value.dtype == torch.bfloat16 else value
+
+
 def _check_count(where: str, name: str, value: Any) -> None:
     if value is None:
         return
@@ -91,9 +97,9 @@ class TrainingExporter:
                             ("max_eval_series", max_eval_series), ("max_config_labels", max_config_labels),
                             ("layer_depth", layer_depth)):
             _check_count("TrainingExporter()", name, value)
-        if not _is_number(max_window) or max_window <= 0:
+        if not _is_number(max_window) or not 0 < max_window < float("inf"):
             raise ValueError(f"TrainingExporter(): max_window must be a positive number of seconds, got {max_window!r}")
-        if not _is_number(close_timeout) or not close_timeout >= 0:
+        if not _is_number(close_timeout) or not 0 <= close_timeout < float("inf"):
             raise ValueError(f"TrainingExporter(): close_timeout must be a number of seconds >= 0, got {close_timeout!r}")
         self.placement = runtime.placement()
         self.run = runtime.resolve_run(run)
@@ -207,7 +213,7 @@ class TrainingExporter:
     def _publish_lr(self, group: str, lr: Any) -> None:
         if isinstance(lr, torch.Tensor):
             with self.state.lock:
-                self._reader.submit(lr.reshape(()), lambda v: self.state.lrs.__setitem__(group, float(v)))
+                self._reader.submit(_host_scalar(lr), lambda v: self.state.lrs.__setitem__(group, float(v)))
         elif lr is not None:
             with self.state.lock:
                 self.state.lrs[group] = float(lr)
@@ -397,7 +403,7 @@ class TrainingExporter:
     def _set_value(self, value: Any, setter) -> None:
         """Publish a number now, a tensor once its asynchronous copy has completed. Call with the lock held."""
         if isinstance(value, torch.Tensor):
-            self._reader.submit(value.reshape(()), lambda v: setter(float(v)))
+            self._reader.submit(_host_scalar(value), lambda v: setter(float(v)))
         else:
             setter(float(value))
 

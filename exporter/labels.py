@@ -14,7 +14,8 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 MAX_VALUE = 120
 REDACTED = "<redacted>"
 
-_LABEL_NAME_BAD = re.compile(r"[^a-zA-Z0-9_]")
+_LABEL_NAME_BAD = re.compile(r"[^a-z0-9_]")
+_CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
 # Words of a key (split at separators and camelCase) that mark a credential. Whole words only: `max_tokens`,
 # `num_keys` and `author` are ordinary config.
 _CREDENTIAL_WORDS = frozenset((
@@ -41,7 +42,7 @@ def looks_like_credential(key: str) -> bool:
 def _patterns(name: str, value: Optional[Iterable[str]]) -> Tuple[str, ...]:
     if value is None:
         return ()
-    if isinstance(value, str) or not all(isinstance(p, str) for p in value):
+    if not isinstance(value, (list, tuple, set, frozenset)) or not all(isinstance(p, str) for p in value):
         raise TypeError(f"TrainingExporter(): {name} must be a list of key patterns such as ['lr', 'optim_*'], "
                         f"got {value!r}")
     return tuple(value)
@@ -84,8 +85,12 @@ class ConfigLabels:
         labels: Dict[str, str] = {}
         cut = max(0, len(flat) - self.limit)
         for key, value in flat[:self.limit]:
-            name, name_cut = bounded("config_" + _LABEL_NAME_BAD.sub("_", key))
-            name = _LABEL_NAME_BAD.sub("_", name)  # the hash suffix's "~"
+            # snake_case, as Prometheus label names are written (`promtool check metrics` says so).
+            name, name_cut = bounded("config_" + _LABEL_NAME_BAD.sub("_", _CAMEL.sub("_", key).lower()))
+            name = name.replace("~", "_")  # the hash suffix's
+            if name in labels:  # `lr` and `LR`, `a-b` and `a_b`: one label; the later key is dropped
+                cut += 1
+                continue
             text, value_cut = bounded(REDACTED if self.redacts(key) else str(value))
             labels[name] = text
             cut += name_cut or value_cut

@@ -320,7 +320,9 @@ class MetricsServer:
             raise
         self.port: int = self._httpd.server_port
         self.scheme = "https" if web_config is not None and web_config.context is not None else "http"
-        self._thread = threading.Thread(target=self._httpd.serve_forever, name="metrics-server", daemon=True)
+        # A short poll interval: stop() (a sweep's next run, a test) returns within it.
+        self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.1,), name="metrics-server",
+                                        daemon=True)
         self._thread.start()
 
     def exposition(self, accept: Optional[str]) -> Tuple[bytes, str, List[_Source]]:

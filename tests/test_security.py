@@ -126,7 +126,7 @@ def test_credentials_in_config_are_redacted(make_exporter, registry):
     assert published["config_lr"] == "0.0003" and published["config_max_tokens"] == "2048"
     assert published["config_num_keys"] == "4"
     assert published["config_hf_token"] == "hf_789"  # allowed explicitly
-    for key in ("config_api_token", "config_wandb_api_key", "config_dbPassword", "config_s3_secret", "config_author"):
+    for key in ("config_api_token", "config_wandb_api_key", "config_db_password", "config_s3_secret", "config_author"):
         assert published[key] == labels.REDACTED, key
 
 
