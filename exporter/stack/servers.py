@@ -151,6 +151,9 @@ class Prometheus(Server, PrometheusClient):
             f"--config.file={config}", f"--storage.tsdb.path={workdir / 'prometheus-data'}",
             f"--web.listen-address=127.0.0.1:{port}", "--web.enable-lifecycle",
             "--storage.tsdb.retention.time=1d",
+            # Firing alerts are re-sent every second (default 1m), so an Alertmanager that was down gets them
+            # as soon as it is back.
+            "--rules.alert.resend-delay=1s",
         ], port, workdir)
 
 
@@ -307,9 +310,23 @@ class LocalStack:
         self.alertmanager = Alertmanager(alertmanager_config(self.workdir / "alertmanager", self.webhook.url),
                                          self.workdir / "alertmanager")
         prom_port = free_port()
-        config = prometheus_config(self.workdir / "prometheus", targets, rule_dir,
-                                   f"127.0.0.1:{self.alertmanager.port}", prom_port, interval, extra_targets)
-        self.prometheus = Prometheus(config, self.workdir / "prometheus", port=prom_port)
+        self._prometheus_config = prometheus_config(self.workdir / "prometheus", targets, rule_dir,
+                                                    f"127.0.0.1:{self.alertmanager.port}", prom_port, interval,
+                                                    extra_targets)
+        self.prometheus = Prometheus(self._prometheus_config, self.workdir / "prometheus", port=prom_port)
+
+    def start_again(self, name: str) -> Server:
+        """Start the stopped ``prometheus`` or ``alertmanager`` again on its port and data folder, and wait until it
+        is ready: a restart, for the fault tests."""
+        old = getattr(self, name)
+        old.stop()
+        if name == "prometheus":
+            new: Server = Prometheus(self._prometheus_config, old.log_path.parent, port=old.port)
+        else:
+            new = Alertmanager(alertmanager_config(old.log_path.parent, self.webhook.url), old.log_path.parent,
+                               port=old.port)
+        setattr(self, name, new)
+        return new.wait_ready()
 
     def __enter__(self) -> "LocalStack":
         try:
