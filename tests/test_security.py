@@ -259,3 +259,44 @@ def test_process_exit_waits_for_the_final_scrape_then_exits(tmp_path):
     assert out.returncode == 0
     closed = float(out.stdout.split()[-1])
     assert time.time() - closed < 10 and time.monotonic() - started < 120
+
+
+def test_shipped_prometheus_scrape_settings_reach_a_tls_basic_auth_exporter(make_exporter, pki, tmp_path):
+    """The commented TLS and basic-auth settings of prometheus.yml, uncommented, let a real Prometheus scrape an
+    exporter that requires both; the same Prometheus without them cannot."""
+    import re
+
+    import yaml
+
+    from exporter.stack.servers import DEPLOY, Prometheus, free_port
+
+    hashed = bcrypt.hashpw(b"scrape-pw", bcrypt.gensalt(rounds=4)).decode()
+    exp = make_exporter(web_config=_web_config(pki, "tls_server_config:\n  cert_file: server.crt\n"
+                                                    "  key_file: server.key\n"
+                                                    f"basic_auth_users:\n  prometheus: '{hashed}'\n"))
+    shipped = (DEPLOY / "prometheus" / "prometheus.yml").read_text()
+    enabled = re.sub(r"(?m)^    # ((scheme|tls_config|basic_auth):.*|  (ca_file|username|password_file):.*)$",
+                     r"    \1", shipped)
+    assert enabled != shipped
+    (tmp_path / "secrets").mkdir()
+    (tmp_path / "secrets" / "training-ca.crt").write_bytes((pki / "ca.crt").read_bytes())
+    (tmp_path / "secrets" / "training-password").write_text("scrape-pw")
+    (tmp_path / "targets").mkdir()
+    (tmp_path / "targets" / "t.json").write_text(f'[{{"targets": ["127.0.0.1:{exp.port}"]}}]')
+    for name, text in (("enabled", enabled), ("shipped", shipped)):
+        config = yaml.safe_load(text)
+        config["scrape_configs"] = [dict(j, scrape_interval="1s") for j in config["scrape_configs"]
+                                    if j["job_name"] == "training"]
+        (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+        prometheus = Prometheus(tmp_path / "prometheus.yml", tmp_path / name, port=free_port())
+        try:
+            prometheus.wait_ready()
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and not prometheus.query('up{job="training"}'):
+                time.sleep(0.5)
+            up = prometheus.query('up{job="training"}')
+            assert up and up[0]["value"] == (1.0 if name == "enabled" else 0.0), (name, up)
+            if name == "enabled":
+                assert prometheus.query('training_step{run="test-run"}')
+        finally:
+            prometheus.stop()
