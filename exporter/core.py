@@ -97,7 +97,7 @@ class TrainingExporter:
                             ("max_eval_series", max_eval_series), ("max_config_labels", max_config_labels),
                             ("layer_depth", layer_depth)):
             _check_count("TrainingExporter()", name, value)
-        if not _is_number(max_window) or not 0 < max_window < float("inf"):
+        if not _is_number(max_window) or not max_window > 0:
             raise ValueError(f"TrainingExporter(): max_window must be a positive number of seconds, got {max_window!r}")
         if not _is_number(close_timeout) or not 0 <= close_timeout < float("inf"):
             raise ValueError(f"TrainingExporter(): close_timeout must be a number of seconds >= 0, got {close_timeout!r}")
