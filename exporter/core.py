@@ -160,10 +160,11 @@ class TrainingExporter:
         if optimizer is not None:
             in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
             named = [(n, p) for n, p in named if id(p) in in_optimizer]
-        names = [self._bounded(n, "layer") for n, _ in named]
+        names = [n for n, _ in named]
         params = [p for _, p in named]
         if self._layer_depth > 0 and self._max_layers > 0:
             groups, layers, merged = _layer_groups(names, self._layer_depth, self._max_layers)
+            layers = [self._bounded(layer, "layer") for layer in layers]
             with self.state.lock:
                 self.state.dropped["layer"] += merged
             stats = GradStats(params, groups, len(layers))

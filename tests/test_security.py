@@ -152,8 +152,16 @@ def test_every_user_label_value_is_bounded_and_counted(make_exporter, registry):
     assert value(registry, "training_exporter_dropped_total", kind="eval") == 3
     model = torch.nn.Sequential()
     model.add_module("z" * 5000, torch.nn.Linear(2, 2))
-    exp.watch(model, torch.optim.SGD(model.parameters(), lr=0.1))
-    assert value(registry, "training_exporter_dropped_total", kind="layer") == 2  # weight and bias
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    exp.watch(model, optimizer)
+    assert value(registry, "training_exporter_dropped_total", kind="layer") == 1
+    model(torch.ones(1, 2)).sum().backward()
+    optimizer.step()
+    exp.log_step(loss=1.0)
+    exp.close()
+    layers = [s.labels["layer"] for fam in registry.collect() if fam.name == "training_layer_grad_norm"
+              for s in fam.samples]
+    assert layers and all(layer.startswith("zzz") for layer in layers)  # the module's cut name, not "(root)"
     lengths = [len(v) for fam in registry.collect() for s in fam.samples for v in s.labels.values()]
     assert max(lengths) <= labels.MAX_VALUE
     evals = [s.labels["metric"] for fam in registry.collect() if fam.name == "training_eval_metric"
