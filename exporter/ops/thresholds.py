@@ -120,7 +120,7 @@ def _kind(value: Any) -> str:
     if isinstance(value, (int, float)):
         return "positive number" if value > 0 else "number >= 0"
     if isinstance(value, list):
-        return "list"
+        return "list of names" if value and all(isinstance(x, str) for x in value) else "list"
     if isinstance(value, str):
         try:
             duration_seconds(value)
@@ -159,5 +159,8 @@ def check_schema(data: Mapping[str, Any], schema: Mapping[str, Any], source: str
             raise ThresholdsError(f"{source}: {name} must be true or false, got {value!r}")
         elif kind == "non-empty string" and (not isinstance(value, str) or not value):
             raise ThresholdsError(f"{source}: {name} must be a non-empty string, got {value!r}")
-        elif kind == "list" and (not isinstance(value, list) or not all(isinstance(x, str) and x for x in value)):
+        elif kind == "list" and not isinstance(value, list):
+            raise ThresholdsError(f"{source}: {name} must be a list, got {value!r}")
+        elif kind == "list of names" and (not isinstance(value, list) or not all(isinstance(x, str) and x
+                                                                               for x in value)):
             raise ThresholdsError(f"{source}: {name} must be a list of names, got {value!r}")
