@@ -160,7 +160,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    from .ops.thresholds import ThresholdsError
+
+    try:
+        return args.func(args)
+    except ThresholdsError as exc:  # a bad thresholds file: one line naming the key, for every command
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

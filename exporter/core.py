@@ -4,10 +4,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import numbers
-import re
 import socket
 import time
-from typing import Any, ContextManager, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, ContextManager, Dict, Mapping, Optional, Sequence, Union
 
 import torch
 from prometheus_client import CollectorRegistry, ProcessCollector
@@ -17,16 +16,15 @@ from prometheus_client.platform_collector import PlatformCollector
 from . import __version__, runtime
 from .collector import RunState
 from .device_stats import DeviceTotals
+from .labels import ConfigLabels, bounded
 from .lifecycle import Lifecycle, PhaseBlock
-from .server import MetricsServer
+from .server import Endpoint, serve
 from .steps import StepModel
 
 log = logging.getLogger("exporter")
 
 _STATUSES = ("completed", "failed", "interrupted")
-_LABEL_VALUE_MAX = 120
 _MAX_SPLITS = 16
-_LABEL_NAME_BAD = re.compile(r"[^a-zA-Z0-9_]")
 _SCRAPE_WAIT = 1.0  # seconds a scrape waits for the device copies it started
 
 
@@ -60,27 +58,6 @@ def _check_count(where: str, name: str, value: Any) -> None:
         raise ValueError(f"{where}: {name} must be >= 0, got {value}")
 
 
-def _config_labels(config: Optional[Mapping[str, Any]], limit: int) -> Tuple[Dict[str, str], int]:
-    """Flatten ``config`` into ``config_<key>`` label pairs, at most ``limit``; returns (labels, dropped)."""
-    if config is None:
-        return {}, 0
-    if not isinstance(config, Mapping):
-        raise TypeError(f"config must be a mapping, got {type(config).__name__}")
-    flat: List[Tuple[str, Any]] = []
-
-    def walk(prefix: str, value: Any) -> None:
-        if isinstance(value, Mapping):
-            for k, v in value.items():
-                walk(f"{prefix}_{k}" if prefix else str(k), v)
-        else:
-            flat.append((prefix, value))
-
-    walk("", config)
-    labels: Dict[str, str] = {}
-    for key, value in flat[:limit]:
-        name = "config_" + _LABEL_NAME_BAD.sub("_", key)
-        labels[name] = str(value)[:_LABEL_VALUE_MAX]
-    return labels, max(0, len(flat) - limit)
 
 
 class TrainingExporter:
@@ -105,19 +82,24 @@ class TrainingExporter:
     def __init__(self, run: Optional[str] = None, *, port: Optional[int] = None, addr: Optional[str] = None,
                  config: Optional[Mapping[str, Any]] = None, registry: Optional[CollectorRegistry] = None,
                  max_window: float = 60.0, detail_every: int = 25, layer_depth: int = 1, max_layers: int = 16,
-                 max_eval_series: int = 32, max_config_labels: int = 32, handle_sigterm: bool = True) -> None:
+                 max_eval_series: int = 32, max_config_labels: int = 32, config_allow: Optional[Sequence[str]] = None,
+                 config_deny: Optional[Sequence[str]] = None, close_timeout: float = 10.0,
+                 web_config: Optional[str] = None, handle_sigterm: bool = True) -> None:
         for name, value in (("detail_every", detail_every), ("max_layers", max_layers),
                             ("max_eval_series", max_eval_series), ("max_config_labels", max_config_labels),
                             ("layer_depth", layer_depth)):
             _check_count("TrainingExporter()", name, value)
-        if not _is_number(max_window) or max_window <= 0:
+        if not _is_number(max_window) or not max_window > 0:
             raise ValueError(f"TrainingExporter(): max_window must be a positive number of seconds, got {max_window!r}")
+        if not _is_number(close_timeout) or not 0 <= close_timeout < float("inf"):
+            raise ValueError(f"TrainingExporter(): close_timeout must be a number of seconds >= 0, got {close_timeout!r}")
         self.placement = runtime.placement()
         self.run = runtime.resolve_run(run)
         self.rank = self.placement.rank
         port = runtime.resolve_port(port, self.placement.local_rank)
         addr = runtime.resolve_addr(addr)
-        config_labels, config_dropped = _config_labels(config, max_config_labels)
+        config_labels, config_dropped = ConfigLabels(config_allow, config_deny, max_config_labels).labels(config)
+        web_config = runtime.resolve_web_config(web_config)
         info = {"world_size": str(self.placement.world_size), "local_rank": str(self.placement.local_rank),
                 "host": socket.gethostname(), "version": __version__, **config_labels}
 
@@ -126,6 +108,7 @@ class TrainingExporter:
         self._faulted: set = set()
         self._closed = False
         self._warned_closed = False
+        self._close_timeout = float(close_timeout)
 
         self.state = RunState(self.run, self.rank, info, float(max_window), refresh=self._refresh)
         self.state.dropped["config"] += config_dropped
@@ -139,10 +122,11 @@ class TrainingExporter:
             GCCollector(registry=registry)
         self.registry = registry
         registry.register(self.state)
-        self._server: Optional[MetricsServer] = MetricsServer(port, addr, registry)
+        self._server: Optional[Endpoint] = serve(registry, port, addr, web_config)
         self.port: int = self._server.port
         self.addr = addr
-        log.info("serving metrics of run %r rank %d on http://%s:%d/metrics", self.run, self.rank, addr, self.port)
+        log.info("serving metrics of run %r rank %d on %s://%s:%d/metrics", self.run, self.rank, self._server.scheme,
+                 addr, self.port)
         self._lifecycle = Lifecycle(self.state, registry, self.close, handle_sigterm)
 
     # ----------------------------------------------------------------------------------------------- hooks
@@ -166,7 +150,18 @@ class TrainingExporter:
         with self.state.lock:
             self._steps.watch(model, optimizer, scaler, name)
 
+    def _bounded(self, name: str, kind: str) -> str:
+        name, cut = bounded(name)
+        if cut:
+            with self.state.lock:
+                self.state.dropped[kind] += 1
+        return name
+
     def _fault(self, where: str, exc: BaseException) -> None:
+        if exc is self._lifecycle.forwarded:
+            # A signal handler (torchrun's SignalException) raised while the training thread was inside the
+            # exporter: that exception is the training loop's, not a fault of ours.
+            raise exc
         with self.state.lock:
             self.state.errors[where] += 1
         if where not in self._faulted:
@@ -233,6 +228,8 @@ class TrainingExporter:
             _check_number(where, f"metric {name!r}", value)
         if self._after_close(where):
             return
+        split = self._bounded(split, "eval")
+        metrics = {self._bounded(name, "eval"): value for name, value in (metrics or {}).items()}
         with self.state.lock:
             st = self.state
             if split not in st.eval_steps and len(st.eval_steps) >= _MAX_SPLITS:
@@ -261,7 +258,9 @@ class TrainingExporter:
         """Publish that the run ended (``completed``, ``failed`` or ``interrupted``) and remove the hooks.
 
         ``/metrics`` keeps being served until the process exits (or ``stop_server=True``), so that Prometheus
-        scrapes the final state and no hung or target-down alert fires for a finished run.
+        scrapes the final state and no hung or target-down alert fires for a finished run: at exit, the process
+        waits up to ``close_timeout`` seconds for that scrape (not at all when it already happened). A new
+        exporter on the same port takes the port over and serves this run's final series until scraped once.
         """
         if status not in _STATUSES:
             raise ValueError(f"close(): status must be one of {', '.join(_STATUSES)}, got {status!r}")
@@ -276,6 +275,8 @@ class TrainingExporter:
                 self._totals.snapshot(time.time())
                 self._apply(self._totals.reader.flush())
                 self.state.status = status
+            if self._server is not None:
+                self._server.close(self._close_timeout)
         if stop_server and self._server is not None:
             self._server.stop()
             self._server = None

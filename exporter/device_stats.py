@@ -29,6 +29,8 @@ class AsyncReader:
     def submit(self, tensor: torch.Tensor, callback: Callable[[np.ndarray], None]) -> None:
         """Start copying ``tensor`` to the host; ``callback`` gets its values as a numpy array once complete."""
         tensor = tensor.detach()
+        if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16; float32 holds every bfloat16 value exactly
+            tensor = tensor.float()
         if tensor.device.type != "cuda":
             # Already on the host (or a device without events): the copy is synchronous anyway. Queue it behind
             # the device copies so that values keep their order.

@@ -107,6 +107,8 @@ class SigtermHandler:
         self._previous: Any = None
         self.installed = False
         self.received = False
+        # What the previous handler raised: it may surface inside the exporter's own code, which must pass it on.
+        self.forwarded: Optional[BaseException] = None
 
     def install(self) -> bool:
         """Install in the main thread; elsewhere, or over an ignored or foreign handler, do nothing."""
@@ -140,7 +142,11 @@ class SigtermHandler:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             os.kill(os.getpid(), signal.SIGTERM)
         else:
-            self._previous(signum, frame)
+            try:
+                self._previous(signum, frame)
+            except BaseException as exc:
+                self.forwarded = exc
+                raise
 
 
 def exit_status(exc_type: Optional[type], exc: Optional[BaseException], interrupted: bool = False) -> str:
@@ -178,6 +184,11 @@ class Lifecycle:
 
     def close(self) -> None:
         self._sigterm.uninstall()
+
+    @property
+    def forwarded(self) -> Optional[BaseException]:
+        """The exception SIGTERM's previous handler raised, if any."""
+        return self._sigterm.forwarded
 
     def _interrupted(self, final: bool) -> None:
         with self._state.lock:

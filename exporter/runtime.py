@@ -10,6 +10,10 @@ from typing import Mapping, Optional
 
 ENV_PREFIX = "TRAINING_EXPORTER_"
 DEFAULT_PORT = 9945
+# All interfaces, as Prometheus's own exporters do: the Prometheus that scrapes a training job runs on another
+# host or pod, and a loopback default would make every cluster target silently down. Where other users share the
+# node's network, bind an internal interface (addr=..., TRAINING_EXPORTER_ADDR) and/or require TLS and basic auth
+# with a web config (web_config=..., TRAINING_EXPORTER_WEB_CONFIG).
 DEFAULT_ADDR = "0.0.0.0"
 
 # First variable set wins. torchrun sets RANK/LOCAL_RANK/WORLD_SIZE, Slurm's srun the SLURM_* ones.
@@ -76,9 +80,13 @@ def resolve_run(run: Optional[str], env: Mapping[str, str] = os.environ) -> str:
 
 
 def resolve_port(port: Optional[int], local_rank: int, env: Mapping[str, str] = os.environ) -> int:
-    """The port to serve on: the argument, else TRAINING_EXPORTER_PORT or the default, offset by the local rank."""
+    """The port to serve on: the argument, else TRAINING_EXPORTER_PORT or the default, offset by the local rank.
+
+    Port 0 (pick a free port) stays 0 on every rank: offsetting it would ask for the fixed ports 1, 2, 3.
+    """
     if port is None:
-        port = _int_from(env, (ENV_PREFIX + "PORT",), DEFAULT_PORT) + local_rank
+        port = _int_from(env, (ENV_PREFIX + "PORT",), DEFAULT_PORT)
+        port = port + local_rank if port else 0
     if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
         raise ValueError(f"port must be an integer in 0..65535 (0 picks a free port), got {port!r}")
     return port
@@ -87,3 +95,10 @@ def resolve_port(port: Optional[int], local_rank: int, env: Mapping[str, str] = 
 def resolve_addr(addr: Optional[str], env: Mapping[str, str] = os.environ) -> str:
     """The address to bind: the argument, else TRAINING_EXPORTER_ADDR, else all interfaces."""
     return addr or env.get(ENV_PREFIX + "ADDR") or DEFAULT_ADDR
+
+
+def resolve_web_config(path: Optional[str], env: Mapping[str, str] = os.environ) -> Optional[str]:
+    """The web-config.yml (TLS, basic auth) to serve with: the argument, else TRAINING_EXPORTER_WEB_CONFIG."""
+    if path is not None and not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"web_config must be a path to a web-config.yml, got {type(path).__name__}")
+    return os.fspath(path) if path else env.get(ENV_PREFIX + "WEB_CONFIG") or None

@@ -28,6 +28,7 @@ from torch import nn
 from .collector import RunState
 from .device_stats import DeviceTotals
 from .grads import GradStats, layer_groups, to_home, user_names
+from .labels import bounded
 
 log = logging.getLogger("exporter")
 
@@ -44,6 +45,7 @@ class Watched:
     layers: List[str] = field(default_factory=list)
     n_params: int = -1
     merged: int = 0
+    cut: int = 0  # layer labels cut to the label length bound
     stepped: bool = False  # the optimizer's step ran since the scaler's last update
 
 
@@ -119,9 +121,12 @@ class StepModel:
         params = [p for _, p in named]
         if self._layer_depth > 0 and self._max_layers > 0 and named:
             groups, layers, merged = layer_groups([n for n, _ in named], self._layer_depth, self._max_layers)
-            self.state.dropped["layer"] += max(0, merged - w.merged)  # a regrouping counts only new merges
-            w.merged = max(merged, w.merged)
-            w.layers = [f"{w.prefix}/{layer}" if w.prefix else layer for layer in layers]
+            labels = [bounded(f"{w.prefix}/{layer}" if w.prefix else layer) for layer in layers]
+            cut = sum(was_cut for _, was_cut in labels)
+            # A regrouping counts only new merges and cuts.
+            self.state.dropped["layer"] += max(0, merged - w.merged) + max(0, cut - w.cut)
+            w.merged, w.cut = max(merged, w.merged), max(cut, w.cut)
+            w.layers = [label for label, _ in labels]
             w.stats = GradStats(params, groups, len(layers), self._rank)
         else:
             w.stats, w.layers = GradStats(params, rank=self._rank), []

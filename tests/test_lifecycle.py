@@ -127,15 +127,15 @@ try:
         print("port", exp.port, flush=True)
         while not stop.is_set():
             exp.log_step(loss=1.0)
-            time.sleep(0.01)
+            time.sleep({pause})
         print("loop ended", flush=True)
         sys.stdin.read()
 {after}
 """
 
 
-def start(before="", after=""):
-    code = PROGRAM.format(before=textwrap.dedent(before), after=textwrap.dedent(after))
+def start(before="", after="", pause=0.01):
+    code = PROGRAM.format(before=textwrap.dedent(before), after=textwrap.dedent(after), pause=pause)
     proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     line = proc.stdout.readline().split()
@@ -186,10 +186,12 @@ def test_sigterm_runs_the_previous_python_handler_and_training_may_go_on():
     assert out.strip() == "final interrupted", out + err
 
 
-def test_sigterm_with_torchruns_handler_raises_its_exception_and_publishes_interrupted():
+@pytest.mark.parametrize("pause", [0.01, 0], ids=["sleeping-loop", "busy-loop"])
+def test_sigterm_with_torchruns_handler_raises_its_exception_and_publishes_interrupted(pause):
     """torchrun's agent installs a handler that raises SignalException in the main thread; it still does, and
-    the `with` block it leaves ends "interrupted", not "failed"."""
-    proc, port = start(before="""
+    the `with` block it leaves ends "interrupted", not "failed". In a loop that never sleeps the signal lands
+    inside the exporter's own code, which must pass the exception on, not count it as a fault of its own."""
+    proc, port = start(pause=pause, before="""
         from torch.distributed.elastic.multiprocessing.api import SignalException, _terminate_process_handler
         signal.signal(signal.SIGTERM, _terminate_process_handler)
         """, after="""

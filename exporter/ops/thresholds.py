@@ -7,6 +7,9 @@ from typing import Any, Dict, Mapping
 
 import yaml
 
+# The shipped thresholds file is the schema: its keys are the known keys, its values tell their kinds. Keys added
+# to it are known at once, with no second list to keep in step.
+SHIPPED = Path(__file__).resolve().parents[2] / "deploy" / "prometheus" / "thresholds.yaml"
 _DURATION = re.compile(r"^((\d+)y)?((\d+)w)?((\d+)d)?((\d+)h)?((\d+)m)?((\d+)s)?((\d+)ms)?$")
 _UNIT_SECONDS = (365 * 86400, 7 * 86400, 86400, 3600, 60, 1, 0.001)
 
@@ -37,14 +40,14 @@ class Thresholds:
         """Read a thresholds file; one with ``extends: OTHER`` overrides only the keys it lists of OTHER
         (a path relative to it)."""
         path = Path(path)
-        with open(path) as f:
-            try:
-                data = yaml.safe_load(f)
-            except yaml.YAMLError as exc:
-                raise ThresholdsError(f"{path}: not valid YAML: {exc}") from None
+        data = _read(path)
         if isinstance(data, Mapping) and "extends" in data:
             base = cls.load(path.parent / data["extends"]).data
             data = _merge(base, {k: v for k, v in data.items() if k != "extends"})
+        if not isinstance(data, Mapping):
+            raise ThresholdsError(f"{path}: expected a mapping at the top level")
+        if SHIPPED.exists():
+            check_schema(data, _read(SHIPPED), str(path))
         return cls(data, str(path))
 
     def get(self, key: str) -> Any:
@@ -97,3 +100,67 @@ def _merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> Dict[str, An
         else:
             merged[key] = value
     return merged
+
+
+def _read(path: Path) -> Any:
+    try:
+        with open(path) as f:
+            return yaml.safe_load(f)
+    except yaml.YAMLError as exc:
+        raise ThresholdsError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
+    except OSError as exc:
+        raise ThresholdsError(f"{path}: cannot read: {exc.strerror}") from None
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, Mapping):
+        return "section"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "positive number" if value > 0 else "number >= 0"
+    if isinstance(value, list):
+        return "list of names" if value and all(isinstance(x, str) for x in value) else "list"
+    if isinstance(value, str):
+        try:
+            duration_seconds(value)
+            return "duration"
+        except ValueError:
+            return "non-empty string"
+    return "any"
+
+
+def check_schema(data: Mapping[str, Any], schema: Mapping[str, Any], source: str, prefix: str = "") -> None:
+    """Raise ``ThresholdsError`` naming the first key of ``data`` that ``schema`` (the shipped file) does not
+    know, that is missing, or whose value is not of the kind the shipped value has."""
+    for key in data:
+        if key not in schema:
+            known = ", ".join(str(k) for k in schema)
+            raise ThresholdsError(f"{source}: unknown key {prefix + str(key)!r} (known here: {known})")
+    for key, expected in schema.items():
+        name = prefix + str(key)
+        if key not in data:
+            raise ThresholdsError(f"{source}: missing key {name!r}")
+        value, kind = data[key], _kind(expected)
+        if kind == "section":
+            if not isinstance(value, Mapping):
+                raise ThresholdsError(f"{source}: {name} must be a section (a mapping of keys), got {value!r}")
+            check_schema(value, expected, source, name + ".")
+        elif kind == "duration":
+            try:
+                duration_seconds(value)
+            except ValueError as exc:
+                raise ThresholdsError(f"{source}: {name}: {exc}") from None
+        elif kind.endswith("number"):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or value < 0 or (
+                    kind == "positive number" and value == 0):
+                raise ThresholdsError(f"{source}: {name} must be a {kind}, got {value!r}")
+        elif kind == "boolean" and not isinstance(value, bool):
+            raise ThresholdsError(f"{source}: {name} must be true or false, got {value!r}")
+        elif kind == "non-empty string" and (not isinstance(value, str) or not value):
+            raise ThresholdsError(f"{source}: {name} must be a non-empty string, got {value!r}")
+        elif kind == "list" and not isinstance(value, list):
+            raise ThresholdsError(f"{source}: {name} must be a list, got {value!r}")
+        elif kind == "list of names" and (not isinstance(value, list) or not all(isinstance(x, str) and x
+                                                                               for x in value)):
+            raise ThresholdsError(f"{source}: {name} must be a list of names, got {value!r}")

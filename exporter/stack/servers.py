@@ -11,12 +11,14 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
+from contextlib import contextmanager
 import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 from ..ops.promapi import PrometheusClient, http_get
 
@@ -39,15 +41,39 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _die_with_parent() -> Optional[Callable[[], None]]:
+    """A ``preexec_fn`` that makes the child receive SIGTERM when its parent dies, however it dies (SIGKILL
+    included): Linux's PR_SET_PDEATHSIG. None where there is no such call."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here: the child must not load libraries
+    parent = os.getpid()
+    pr_set_pdeathsig = 1
+
+    def preexec() -> None:
+        prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before the call: nobody would send the signal
+            os._exit(1)
+
+    return preexec
+
+
 class ManagedProcess:
-    """A child process in its own session, its output in ``log_path``; ``stop()`` ends it and its children."""
+    """A child process in its own session, its output in ``log_path``; ``stop()`` ends it and its children.
+
+    The child gets SIGTERM when the thread that started it ends (Linux), so a parent killed by any signal,
+    SIGKILL included, leaves no server or training process behind: start these from the main thread.
+    """
 
     def __init__(self, args: Sequence[str], log_path: Path, **popen: Any) -> None:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self.log_path = log_path
         self._log = open(log_path, "wb")
+        # Its own session: the terminal's Ctrl-C or hang-up reaches the parent only, which stops it in order.
         self.proc = subprocess.Popen(list(args), stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
-                                     **popen)
+                                     preexec_fn=_die_with_parent(), **popen)
 
     def log_tail(self, chars: int = 2000) -> str:
         self._log.flush()
@@ -73,6 +99,25 @@ class ManagedProcess:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+class Stopped(KeyboardInterrupt):
+    """The process was asked to stop by a signal (SIGTERM, SIGHUP); handled like Ctrl-C."""
+
+
+@contextmanager
+def stop_on_signals(signals: Sequence[int] = (signal.SIGTERM, signal.SIGHUP)) -> Iterator[None]:
+    """Within the block, SIGTERM and SIGHUP (a closed terminal) raise ``Stopped`` like Ctrl-C raises
+    ``KeyboardInterrupt``, so the ``finally`` that stops the children runs; the previous handlers come back after."""
+    def handler(signum: int, frame: Any) -> None:
+        raise Stopped(signal.Signals(signum).name)
+
+    previous = {s: signal.signal(s, handler) for s in signals}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 class Server(ManagedProcess):
@@ -106,6 +151,9 @@ class Prometheus(Server, PrometheusClient):
             f"--config.file={config}", f"--storage.tsdb.path={workdir / 'prometheus-data'}",
             f"--web.listen-address=127.0.0.1:{port}", "--web.enable-lifecycle",
             "--storage.tsdb.retention.time=1d",
+            # Firing alerts are re-sent every second (default 1m), so an Alertmanager that was down gets them
+            # as soon as it is back.
+            "--rules.alert.resend-delay=1s",
         ], port, workdir)
 
 
@@ -254,8 +302,6 @@ class DemoRun(ManagedProcess):
     def __init__(self, scenario: str, run: str, port: int, workdir: Path, *, steps: int = 100_000,
                  step_time: float = 0.05, max_window: float = 2.0, eval_every: int = 50, linger: float = 0.0,
                  python: Optional[str] = None) -> None:
-        import sys
-
         self.scenario, self.run, self.port = scenario, run, port
         self.target = f"127.0.0.1:{port}"
         self.started = time.time()
@@ -290,9 +336,23 @@ class LocalStack:
         self.alertmanager = Alertmanager(alertmanager_config(self.workdir / "alertmanager", self.webhook.url),
                                          self.workdir / "alertmanager")
         prom_port = free_port()
-        config = prometheus_config(self.workdir / "prometheus", targets, rule_dir,
-                                   f"127.0.0.1:{self.alertmanager.port}", prom_port, interval, extra_targets)
-        self.prometheus = Prometheus(config, self.workdir / "prometheus", port=prom_port)
+        self._prometheus_config = prometheus_config(self.workdir / "prometheus", targets, rule_dir,
+                                                    f"127.0.0.1:{self.alertmanager.port}", prom_port, interval,
+                                                    extra_targets)
+        self.prometheus = Prometheus(self._prometheus_config, self.workdir / "prometheus", port=prom_port)
+
+    def start_again(self, name: str) -> Server:
+        """Start the stopped ``prometheus`` or ``alertmanager`` again on its port and data folder, and wait until it
+        is ready: a restart, for the fault tests."""
+        old = getattr(self, name)
+        old.stop()
+        if name == "prometheus":
+            new: Server = Prometheus(self._prometheus_config, old.log_path.parent, port=old.port)
+        else:
+            new = Alertmanager(alertmanager_config(old.log_path.parent, self.webhook.url), old.log_path.parent,
+                               port=old.port)
+        setattr(self, name, new)
+        return new.wait_ready()
 
     def __enter__(self) -> "LocalStack":
         try:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
-from .servers import DEPLOY, DemoRun, LocalStack, Pushgateway, free_port, http_get
+from .servers import DEPLOY, DemoRun, LocalStack, Pushgateway, Stopped, free_port, http_get, stop_on_signals
 
 THRESHOLDS = DEPLOY / "prometheus" / "thresholds-demo.yaml"
 
@@ -59,6 +59,9 @@ class Showcase:
     steps: int = 3000
     step_time: float = 0.05
     thresholds: Path = THRESHOLDS
+    # Below this many free bytes in the working folder the showcase stops: Prometheus and Alertmanager would
+    # lose data without a word.
+    min_free: int = 64 << 20
     runs: List[DemoRun] = field(default_factory=list)
     arrivals: Dict[tuple, Arrival] = field(default_factory=dict)
 
@@ -104,6 +107,7 @@ class Showcase:
         since the start."""
         last_progress = 0.0
         while time.time() - self.started < limit and not self.finished():
+            self.check()
             for arrival in self.poll():
                 if on_arrival is not None:
                     on_arrival(arrival)
@@ -112,6 +116,17 @@ class Showcase:
                 on_progress(self.progress())
             time.sleep(0.5)
         self.poll()
+
+    def check(self) -> None:
+        """Raise ``OSError`` when the working folder's disk is nearly full, ``RuntimeError`` when a server died."""
+        free = shutil.disk_usage(self.workdir).free
+        if free < self.min_free:
+            raise OSError(f"the demo's data folder {self.workdir} has {free >> 20} MiB free, "
+                          f"less than the {self.min_free >> 20} MiB it needs")
+        for server in (self.stack.prometheus, self.stack.alertmanager, self.pushgateway):
+            if server.proc.poll() is not None:
+                raise RuntimeError(f"{server.name} exited with {server.proc.returncode}: "
+                                   f"{' '.join(server.log_tail(300).split())}")
 
     def fired(self, run: DemoRun) -> Dict[str, Arrival]:
         return {a.alertname: a for (r, _), a in self.arrivals.items() if r == run.run}
@@ -166,6 +181,11 @@ def main(duration: Optional[float] = None, workdir: Path = Path(".demo"), intera
     show = Showcase(workdir=workdir.resolve(), steps=steps)
     print(f"starting {len(show.scenarios)} training runs and Prometheus, Alertmanager, Pushgateway in {show.workdir}",
           flush=True)
+    with stop_on_signals():
+        return _run(show, limit, interactive)
+
+
+def _run(show: Showcase, limit: float, interactive: bool) -> int:
     try:
         show.start()
         print(f"Prometheus   {show.stack.prometheus.url}\nAlertmanager {show.stack.alertmanager.url}\n"
@@ -185,9 +205,13 @@ def main(duration: Optional[float] = None, workdir: Path = Path(".demo"), intera
             print("\nthe stack stays up: press Ctrl-C to stop it", flush=True)
             while True:
                 time.sleep(1)
+                show.check()
                 show.poll()
-    except KeyboardInterrupt:
-        print("\nstopping", flush=True)
+    except KeyboardInterrupt as exc:
+        print(f"\nstopping ({exc})" if isinstance(exc, Stopped) else "\nstopping", flush=True)
+    except (OSError, RuntimeError) as exc:  # a full disk, a server that died: say why, then stop the rest
+        print(f"error: {exc}; stopping", file=sys.stderr, flush=True)
+        return 1
     finally:
         show.stop()
         print(f"stopped every process; files are in {show.workdir}", flush=True)
