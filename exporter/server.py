@@ -17,7 +17,6 @@ import atexit
 import errno
 import gzip
 import hashlib
-import hmac
 import os
 import queue
 import socket
