@@ -68,7 +68,7 @@ def test_not_yaml_and_missing_file_are_one_line(tmp_path, capsys):
 
 
 def test_extends_file_is_checked_after_merging(tmp_path, capsys):
-    (tmp_path / "fast.yaml").write_text(f"extends: {SHIPPED}\nalerts:\n  TrainingHung: {{after: 10s, fro: 2s}}\n")
+    (tmp_path / "fast.yaml").write_text(f"extends: {SHIPPED}\nalerts:\n  TrainingHung: {{floor: 10s, fro: 2s}}\n")
     assert main(["rules", "--thresholds", str(tmp_path / "fast.yaml"), "--out", str(tmp_path / "out")]) == 2
     assert "unknown key 'alerts.TrainingHung.fro'" in capsys.readouterr().err
 
@@ -76,17 +76,27 @@ def test_extends_file_is_checked_after_merging(tmp_path, capsys):
 def test_the_schema_is_whatever_the_shipped_file_holds():
     """A key another change adds to the shipped file is known, and required, with the kind of its value."""
     schema = yaml.safe_load(SHIPPED.read_text())
-    schema["alerts"]["TrainingHung"]["ceiling"] = "1h"
+    schema["alerts"]["TrainingHung"]["grace"] = "1h"
     data = yaml.safe_load(SHIPPED.read_text())
-    with pytest.raises(ThresholdsError, match="missing key 'alerts.TrainingHung.ceiling'"):
+    with pytest.raises(ThresholdsError, match="missing key 'alerts.TrainingHung.grace'"):
         check_schema(data, schema, "t")
-    data["alerts"]["TrainingHung"]["ceiling"] = "soon"
-    with pytest.raises(ThresholdsError, match="alerts.TrainingHung.ceiling: 'soon' is not a Prometheus duration"):
+    data["alerts"]["TrainingHung"]["grace"] = "soon"
+    with pytest.raises(ThresholdsError, match="alerts.TrainingHung.grace: 'soon' is not a Prometheus duration"):
         check_schema(data, schema, "t")
-    data["alerts"]["TrainingHung"]["ceiling"] = "2h"
+    data["alerts"]["TrainingHung"]["grace"] = "2h"
     check_schema(data, schema, "t")
 
 
 def test_shipped_files_pass():
     for name in ("thresholds.yaml", "thresholds-demo.yaml"):
-        assert Thresholds.load(SHIPPED.parent / name).seconds("alerts.TrainingHung.after") > 0
+        assert Thresholds.load(SHIPPED.parent / name).seconds("alerts.TrainingHung.floor") > 0
+
+
+def test_phase_allowances_take_the_users_own_phase_names(tmp_path):
+    """Phases are the loop's own names: any is known, and each allowance must still be a duration."""
+    path = tmp_path / "phases.yaml"
+    path.write_text(f"extends: {SHIPPED}\nalerts:\n  TrainingHung: {{phases: {{data_reload: 30m}}}}\n")
+    assert Thresholds.load(path).seconds("alerts.TrainingHung.phases.data_reload") == 1800
+    path.write_text(f"extends: {SHIPPED}\nalerts:\n  TrainingHung: {{phases: {{data_reload: soon}}}}\n")
+    with pytest.raises(ThresholdsError, match="alerts.TrainingHung.phases.data_reload: 'soon' is not"):
+        Thresholds.load(path)

@@ -26,7 +26,7 @@ def fast_thresholds(tmp_path, fleet_window=FLEET_WINDOW, **alerting):
     path = tmp_path / "thresholds.yaml"
     path.write_text(yaml.safe_dump({
         "extends": str(DEPLOY / "prometheus" / "thresholds-demo.yaml"),
-        "alerts": {"TrainingHung": {"after": "6s", "for": "1s"}},
+        "alerts": {"TrainingHung": {"floor": "6s", "ceiling": "6s", "for": "1s"}},
         "alerting": {"fleet_min_runs": 5, "fleet_window": f"{fleet_window}s", "notifications_failed_window": "20s",
                      **alerting},
     }))

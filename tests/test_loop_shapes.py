@@ -325,7 +325,7 @@ def replay(tmp_path, rows: List[Row]) -> Dict[str, List[str]]:
             name, _, inner = key.partition("{")
             series[name + '{run="' + row.name + '"' + ("," + inner if inner else "}")] = values
     fired = alerts_fired(tmp_path, "loop-shapes", series, LABELS, minutes)
-    return {row.name: sorted(a["alertname"] for a in fired if a["run"] == row.name) for row in rows}
+    return {row.name: sorted(a["alertname"] for a in fired if a.get("run") == row.name) for row in rows}
 
 
 @pytest.fixture(scope="module")
