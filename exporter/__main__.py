@@ -70,6 +70,16 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _scorecard(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .ops import scorecard
+
+    return scorecard.main(Path(args.corpus), args.out and Path(args.out), thresholds=Path(args.thresholds),
+                          rule_dir=args.rules and Path(args.rules), half=args.half, title=args.title,
+                          command="python -m exporter " + " ".join(sys.argv[1:]))
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .stack.demo import SCENARIOS
 
@@ -130,6 +140,19 @@ def build_parser() -> argparse.ArgumentParser:
                         help="thresholds YAML, for the thresholds the panels draw (default %(default)s)")
     boards.add_argument("--out", default="grafana/dashboards", help="folder for the JSON files (default %(default)s)")
     boards.set_defaults(func=_dashboards)
+
+    card = sub.add_parser("scorecard", help="score the rules on the detection corpus (recall, false alarms, delays)",
+                          description="Drive the real exporter through every corpus run on a simulated clock, replay "
+                                      "what Prometheus would have scraped through promtool against the rules, and "
+                                      "write the scorecard as Markdown.")
+    card.add_argument("--corpus", default="tests/corpus/corpus.yaml", help="corpus file (default %(default)s)")
+    card.add_argument("--thresholds", default="deploy/prometheus/thresholds.yaml",
+                      help="thresholds YAML the rules are generated from (default %(default)s)")
+    card.add_argument("--rules", help="score the rule files in this folder instead")
+    card.add_argument("--half", choices=("tuning", "held-out"), help="only this half (default both)")
+    card.add_argument("--title", default="Detection scorecard", help="the Markdown title")
+    card.add_argument("--out", help="Markdown file to write (default: print)")
+    card.set_defaults(func=_scorecard)
     return parser
 
 
