@@ -44,11 +44,20 @@ class RunState(Collector):
         self.eval_metrics: Dict[Tuple[str, str], float] = {}
         self.eval_steps: Dict[str, int] = {}
         self.eval_times: Dict[str, float] = {}
+        self.evals: Dict[str, int] = {}
+        self.eval_best: Dict[str, float] = {}
+        self.evals_since_best: Dict[str, int] = {}
         self.samples = 0.0
         self.duration_sum = 0.0
         self.duration_count = 0
         self.loss_sum = 0.0
         self.loss_count = 0
+        self.loss_pos = 0.0
+        self.loss_neg = 0.0
+        self.loss_sq = 0.0
+        self.grad_count = 0
+        self.grad_sum = 0.0
+        self.last_nonfinite_time: Optional[float] = None
         self.loss_nonfinite = 0
         self.grad_nonfinite = 0
         self.skipped = 0
@@ -61,13 +70,29 @@ class RunState(Collector):
         """Fold a ``StepAccumulator`` snapshot (taken at ``when``) into the totals. Call with ``lock`` held."""
         self.loss_sum += float(values[ds.SUM, ds.LOSS])
         self.loss_count += int(values[ds.COUNT, ds.LOSS])
+        self.loss_pos += float(values[ds.POS, ds.LOSS])
+        self.loss_neg += float(values[ds.NEG, ds.LOSS])
+        self.loss_sq += float(values[ds.SQ, ds.LOSS])
+        self.grad_count += int(values[ds.COUNT, ds.GRAD])
+        self.grad_sum += float(values[ds.SUM, ds.GRAD])
         self.loss_nonfinite += int(values[ds.NONFINITE, ds.LOSS])
         self.grad_nonfinite += int(values[ds.NONFINITE, ds.GRAD])
+        if values[ds.NONFINITE].sum() > 0:
+            self.last_nonfinite_time = when
         if values[ds.COUNT, ds.LOSS] + values[ds.NONFINITE, ds.LOSS] > 0:
             self.losses["train"] = float(values[ds.LAST, ds.LOSS])
         if values[ds.COUNT, ds.GRAD] + values[ds.NONFINITE, ds.GRAD] > 0:
             self.grad_norm = float(values[ds.LAST, ds.GRAD])
         self._recent.append((when, float(values[ds.MAX, ds.LOSS]), float(values[ds.MAX, ds.GRAD])))
+
+    def eval_loss(self, split: str, loss: float) -> None:
+        """Publish an evaluation's loss and track the split's best one. Call with ``lock`` held."""
+        self.losses[split] = loss
+        if math.isfinite(loss) and loss < self.eval_best.get(split, math.inf):
+            self.eval_best[split] = loss
+            self.evals_since_best[split] = 0
+        elif split in self.evals_since_best:
+            self.evals_since_best[split] += 1
 
     def recent_max(self, now: float) -> Tuple[float, float]:
         """Largest finite loss and grad norm within ``max_window`` seconds (the newest snapshot is always kept)."""
@@ -123,6 +148,13 @@ class RunState(Collector):
         summary.add_metric(base, self.loss_count, self.loss_sum)
         yield summary
         loss_max, grad_max = self.recent_max(time.time())
+        yield single("training_loss_steps_total", self.loss_count)
+        yield single("training_loss_positive_sum_total", self.loss_pos)
+        yield single("training_loss_negative_sum_total", self.loss_neg)
+        yield single("training_loss_squared_sum_total", self.loss_sq)
+        yield single("training_grad_norm_steps_total", self.grad_count)
+        yield single("training_grad_norm_sum_total", self.grad_sum)
+        yield single("training_last_nonfinite_timestamp_seconds", self.last_nonfinite_time)
         yield single("training_loss_recent_max", loss_max if loss_max > -math.inf else None)
         yield single("training_grad_norm_recent_max", grad_max if grad_max > -math.inf else None)
         yield single("training_loss_nonfinite_total", self.loss_nonfinite)
@@ -134,6 +166,9 @@ class RunState(Collector):
         yield durations
         yield labelled("training_eval_step", self.eval_steps)
         yield labelled("training_eval_timestamp_seconds", self.eval_times)
+        yield labelled("training_evals_total", self.evals)
+        yield labelled("training_eval_loss_best", self.eval_best)
+        yield labelled("training_evals_since_best", self.evals_since_best)
 
         yield single("training_grad_mean", self.grad_mean)
         yield labelled("training_layer_grad_norm", self.layer_norms)

@@ -316,8 +316,9 @@ class TrainingExporter:
             if split not in st.eval_steps and len(st.eval_steps) >= _MAX_SPLITS:
                 st.dropped["eval"] += 1
                 return
+            st.evals[split] = st.evals.get(split, 0) + 1
             if loss is not None:
-                self._set_value(loss, lambda v: st.losses.__setitem__(split, v))
+                self._set_value(loss, lambda v: st.eval_loss(split, v))
             for name, value in (metrics or {}).items():
                 key = (split, name)
                 if key not in st.eval_metrics and len(st.eval_metrics) >= self._max_eval_series:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 # Rows of the accumulator; its two columns are the train loss and the global gradient norm.
-SUM, COUNT, NONFINITE, MAX, LAST = range(5)
+SUM, COUNT, NONFINITE, MAX, LAST, POS, NEG, SQ = range(8)
 LOSS, GRAD = 0, 1
 
 
@@ -70,7 +70,8 @@ class StepAccumulator:
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self._init = torch.tensor(
-            [[0.0, 0.0], [0.0, 0.0], [0.0, 0.0], [-np.inf, -np.inf], [np.nan, np.nan]],
+            [[0.0, 0.0], [0.0, 0.0], [0.0, 0.0], [-np.inf, -np.inf], [np.nan, np.nan], [0.0, 0.0], [0.0, 0.0],
+             [0.0, 0.0]],
             dtype=torch.float64, device=device,
         )
         self.acc = self._init.clone()
@@ -101,7 +102,11 @@ class StepAccumulator:
         finite = isfinite & present
         bad = counted & ~isfinite
         acc = self.acc
-        acc[SUM] += torch.where(finite, x, self._zero)
+        kept = torch.where(finite, x, self._zero)
+        acc[SUM] += kept
+        acc[POS] += kept.clamp(min=0)
+        acc[NEG] -= kept.clamp(max=0)
+        acc[SQ] += kept.square()
         acc[COUNT] += finite
         acc[NONFINITE] += bad
         torch.maximum(acc[MAX], torch.where(finite, x, self._neg_inf), out=acc[MAX])

@@ -51,6 +51,19 @@ _DEFS = [
     # Per-step aggregates: what happens between two scrapes is not lost to sampling.
     Metric("training_step_loss", "summary", "Finite train losses of every step (sum and count), so that rules "
            "compute exact means between scrapes."),
+    Metric("training_loss_steps_total", "counter", "Optimizer steps whose train loss was finite (micro-batch "
+           "losses folded into their optimizer step)."),
+    Metric("training_loss_positive_sum_total", "counter", "Sum of max(loss, 0) over the steps of "
+           "training_loss_steps_total; mean loss = (increase(positive) - increase(negative)) / increase(steps)."),
+    Metric("training_loss_negative_sum_total", "counter", "Sum of max(-loss, 0) over the steps of "
+           "training_loss_steps_total."),
+    Metric("training_loss_squared_sum_total", "counter", "Sum of loss squared over the steps of "
+           "training_loss_steps_total, for the run's own noise level."),
+    Metric("training_grad_norm_steps_total", "counter", "Optimizer steps with a finite global gradient norm."),
+    Metric("training_grad_norm_sum_total", "counter", "Sum of the finite global gradient norms of those steps: "
+           "exact mean norm between scrapes."),
+    Metric("training_last_nonfinite_timestamp_seconds", "gauge", "Unix time of the last step with a NaN or "
+           "infinite train loss or genuinely non-finite gradients (not a scaler's skip); absent until one happens."),
     Metric("training_loss_recent_max", "gauge", "Largest finite train loss of the steps in the recent window "
            "(max_window seconds), so that a one-step spike outlives the next scrape."),
     Metric("training_grad_norm_recent_max", "gauge", "Largest finite global gradient norm of the steps in the "
@@ -65,6 +78,10 @@ _DEFS = [
     Metric("training_eval_step", "gauge", "Global step of the latest evaluation of each split.", ("split",)),
     Metric("training_eval_timestamp_seconds", "gauge", "Unix time of the latest evaluation of each split.",
            ("split",)),
+    Metric("training_evals_total", "counter", "Evaluations logged per split.", ("split",)),
+    Metric("training_eval_loss_best", "gauge", "Lowest finite eval loss of each split so far.", ("split",)),
+    Metric("training_evals_since_best", "gauge", "Evaluations with a loss since the best one of each split (0 at the "
+           "best).", ("split",)),
     # Gradient detail.
     Metric("training_grad_mean", "gauge", "Mean over parameters of each gradient's mean (sampled every "
            "detail_every optimizer steps)."),

@@ -3,6 +3,7 @@ import math
 import socket
 import subprocess
 import sys
+import time
 import urllib.request
 
 import pytest
@@ -465,3 +466,50 @@ def test_shared_registry_is_used_as_given():
         assert registry.get_sample_value("process_resident_memory_bytes") is None
     finally:
         exp.close(stop_server=True)
+
+
+def test_loss_counters_give_exact_means_also_for_negative_losses(make_exporter, registry):
+    exp = make_exporter()
+    losses = [2.0, -1.5, float("nan"), 0.5, -3.0]
+    for loss in losses:
+        exp.log_step(loss=torch.tensor(loss))
+    finite = [x for x in losses if math.isfinite(x)]
+    assert value(registry, "training_loss_steps_total") == len(finite)
+    pos, neg = value(registry, "training_loss_positive_sum_total"), value(registry, "training_loss_negative_sum_total")
+    assert (pos, neg) == (2.5, 4.5)
+    assert (pos - neg) / len(finite) == pytest.approx(sum(finite) / len(finite))
+    assert value(registry, "training_loss_squared_sum_total") == pytest.approx(sum(x * x for x in finite))
+
+
+def test_grad_norm_counters_and_last_nonfinite_time(make_exporter, registry):
+    model = small_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    exp = make_exporter()
+    exp.watch(model, optimizer)
+    norms = []
+    before = None
+    for i in range(4):
+        optimizer.zero_grad()
+        nn.functional.mse_loss(model(torch.randn(4, 8)), torch.randn(4, 2)).backward()
+        norms.append(math.sqrt(sum(float((p.grad.double() ** 2).sum()) for p in model.parameters())))
+        optimizer.step()
+        if i == 2:
+            assert value(registry, "training_last_nonfinite_timestamp_seconds") is None
+            before = time.time()
+        exp.log_step(loss=float("nan") if i == 2 else 1.0)  # the NaN's time outlives the step after it
+    assert value(registry, "training_grad_norm_steps_total") == 4
+    assert value(registry, "training_grad_norm_sum_total") == pytest.approx(sum(norms), rel=1e-6)
+    assert before <= value(registry, "training_last_nonfinite_timestamp_seconds") <= time.time()
+
+
+def test_eval_best_and_evaluations_since_best(make_exporter, registry):
+    exp = make_exporter()
+    for loss in (1.0, 0.8, torch.tensor(0.9), 0.85):
+        exp.log_eval("val", loss=loss)
+    exp.log_eval("val", metrics={"accuracy": 0.5})
+    assert value(registry, "training_evals_total", split="val") == 5
+    assert value(registry, "training_eval_loss_best", split="val") == 0.8
+    assert value(registry, "training_evals_since_best", split="val") == 2
+    exp.log_eval("val", loss=0.7)
+    assert value(registry, "training_evals_since_best", split="val") == 0
+    assert value(registry, "training_eval_loss_best", split="val") == 0.7
