@@ -217,7 +217,7 @@ def scrape_series(run: Run, name: Optional[str] = None, pathology: bool = True) 
     if not pathology:
         run = Run(**{**run.__dict__, "pathology": None, "seed": run.seed + 1000})
     c = curves(run)
-    n, scrapes = len(c["t"]), int(run.duration // run.scrape)
+    n, scrapes = len(c["t"]), int(run.duration // run.scrape) + 1
     ev = run.events
     gap = [_seconds(x) for x in ev.get("gap", [])]
     restart = _seconds(ev["restart"]) if "restart" in ev else None
@@ -233,7 +233,7 @@ def scrape_series(run: Run, name: Optional[str] = None, pathology: bool = True) 
         alive, next_eval, i = True, run.eval_interval, 0
         try:
             for k in range(scrapes):
-                at = (k + 1) * run.scrape
+                at = k * run.scrape  # promtool places the k-th value at k intervals
                 while i < n and t[i] <= at and t[i] < finish:
                     clock.now = t[i]
                     if restart is not None and t[i] >= restart and alive:
