@@ -23,7 +23,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import yaml
 
 from . import rules as rulegen
+from .rules import num
 from .simulate import Run, Series, scrape_series
+from .thresholds import Thresholds
 
 ALERT_OF = {"nan": "TrainingLossNotFinite", "explode": "TrainingGradientExplosion", "spike": "TrainingLossSpike",
             "diverge": "TrainingDiverging", "overfit": "TrainingOverfitting", "plateau": "TrainingPlateau"}
@@ -161,14 +163,16 @@ def _delays(rs: List[Result]) -> str:
 def table(results: List[Result], half: str) -> List[str]:
     rs = [r for r in results if r.run.half == half]
     lines = [f"### {half} half: {len(rs)} runs", "",
-             "| alert | strong detected in time | mild detected | delay: median / slowest (min, steps, evals) |",
-             "| --- | --- | --- | --- |"]
+             "| alert | strong detected in time | mild detected | false alarms (runs) "
+             "| delay: median / slowest (minutes, steps, evaluations) |",
+             "| --- | --- | --- | --- | --- |"]
     for kind, alert in ALERT_OF.items():
         mine = [r for r in rs if r.expected == alert]
         strong = [r for r in mine if r.run.pathology.get("strength") == "strong"]
         mild = [r for r in mine if r.run.pathology.get("strength") != "strong"]
         frac = lambda xs: f"{sum(x.detected for x in xs)}/{len(xs)}" if xs else "-"  # noqa: E731
-        lines.append(f"| {alert} | {frac(strong)} | {frac(mild)} | {_delays(mine)} |")
+        false = sum(any(f.startswith(alert + " ") for f in r.false_alarms) for r in rs)
+        lines.append(f"| {alert} | {frac(strong)} | {frac(mild)} | {false} | {_delays(mine)} |")
     healthy = [r for r in rs if r.expected is None]
     noisy = [r for r in rs if r.false_alarms]
     lines += ["", f"Healthy runs: {len(healthy)}; runs with a false warning or critical alarm: {len(noisy)}.", ""]
@@ -195,7 +199,45 @@ def targets_met(results: List[Result], half: str) -> Dict[str, bool]:
             "quiet": not any(r.false_alarms for r in rs)}
 
 
-def report(results: List[Result], title: str, command: str) -> str:
+def slowest_changes(t: Thresholds) -> List[str]:
+    """What each rule needs to see at the least, from the thresholds: the slowest change it detects."""
+    w = "windows."
+    smin, trend, slow, look = (t.number(w + "min_steps"), t.duration(w + "trend"), t.duration(w + "trend_slow"),
+                               t.duration(w + "lookback"))
+    dv, pl = t.number("alerts.TrainingDiverging.rise_sigmas"), t.number("alerts.TrainingPlateau.improvement_sigmas")
+    plw = t.seconds("alerts.TrainingPlateau.window")
+    sl = t.number("alerts.TrainingLossDecreasingSlowly.improvement_sigmas")
+    look_h, slow_h = t.seconds(w + "lookback") / 3600, t.seconds(w + "trend_slow") / 3600
+    ge = "alerts.TrainingGradientExplosion."
+    of = "alerts.TrainingOverfitting."
+    rows = [
+        ("TrainingLossNotFinite", "one NaN/Inf step", "one step"),
+        ("TrainingLossSpike", f"one step {num(t.number('alerts.TrainingLossSpike.sigmas'))} sigma above the smoothed "
+         "loss", "one step"),
+        ("TrainingGradientExplosion", f"one step's norm above {num(t.number(ge + 'factor'))}x the mean norm of "
+         f"{t.duration(w + 'baseline')}; or the mean norm x{num(t.number(ge + 'growth_factor'))} over {look}",
+         f"x{t.number(ge + 'growth_factor') ** (1 / look_h):.2f} per hour"),
+        ("TrainingDiverging", f"a rise of {num(dv)} sigma above the best of {look}, still rising over {trend}",
+         f"{dv / look_h:.2f} sigma per hour"),
+        ("TrainingOverfitting", f"val {num(100 * t.number(of + 'gap_widening'))}% of the gap above its best for "
+         f"{num(t.number(of + 'patience_evals'))} evaluations, train at its best",
+         f"{num(100 * t.number(of + 'gap_widening'))}% of the gap in {look}"),
+        ("TrainingPlateau", f"best loss improving less than {num(pl)} sigma per {t.duration('alerts.TrainingPlateau.window')}"
+         f" (per {slow} below {num(smin)} steps in it)",
+         f"progress under {pl * 3600 / plw:.2f} sigma per hour ({pl / slow_h:.3f} at slow step rates) is a plateau"),
+        ("TrainingLossDecreasingSlowly", f"best loss improving less than {num(sl)} sigma per plateau window",
+         f"{sl * 3600 / plw:.2f} sigma per hour"),
+    ]
+    lines = ["## The slowest change each rule detects", "",
+             "sigma: the run's own per-step standard deviation of the train loss over the trend window ("
+             f"{trend}, or {slow} when the run makes fewer than {num(smin)} steps in it). Per step: divide the per-hour "
+             "figure by the steps an hour.", "",
+             "| alert | fires on | slowest change detected |", "| --- | --- | --- |"]
+    lines += [f"| {a} | {what} | {slowest} |" for a, what, slowest in rows]
+    return lines + [""]
+
+
+def report(results: List[Result], title: str, command: str, t: Optional[Thresholds] = None) -> str:
     runs = [r.run for r in results]
     cadences = sorted({r.cadence() for r in runs})
     lines = [f"# {title}", "", f"Regenerate with `{command}`.", "",
@@ -208,6 +250,8 @@ def report(results: List[Result], title: str, command: str) -> str:
         lines += [f"Targets on the {half} half: strong in time {'met' if met['strong'] else 'NOT met'}, mild at 80% "
                   f"{'met' if met['mild'] else 'NOT met'}, no false alarm {'met' if met['quiet'] else 'NOT met'}.", ""]
     lines += ["## Cadences", ""] + [f"- {c}" for c in cadences] + [""]
+    if t is not None:
+        lines += slowest_changes(t)
     return "\n".join(lines)
 
 
@@ -234,7 +278,7 @@ def main(corpus: Path, out: Optional[Path], thresholds: Optional[Path] = None, r
     runs = [r for r in load_corpus(corpus) if half is None or r.half == half]
     with tempfile.TemporaryDirectory(prefix="scorecard-rules-") as tmp:
         results = run_corpus(runs, rule_dir or rule_dir_from(thresholds, Path(tmp)))
-    text = report(results, title, command)
+    text = report(results, title, command, None if rule_dir else Thresholds.load(thresholds))
     if out is None:
         print(text)
     else:
