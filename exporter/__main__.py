@@ -71,13 +71,14 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _scorecard(args: argparse.Namespace) -> int:
+    import shlex
     from pathlib import Path
 
     from .ops import scorecard
 
     return scorecard.main(Path(args.corpus), args.out and Path(args.out), thresholds=Path(args.thresholds),
                           rule_dir=args.rules and Path(args.rules), half=args.half, title=args.title,
-                          command="python -m exporter " + " ".join(sys.argv[1:]))
+                          command="python -m exporter " + shlex.join(sys.argv[1:]))
 
 
 def build_parser() -> argparse.ArgumentParser:

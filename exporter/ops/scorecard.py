@@ -24,7 +24,7 @@ import yaml
 
 from . import rules as rulegen
 from .rules import num
-from .simulate import Run, Series, scrape_series
+from .simulate import Run, Series, _seconds, scrape_series
 from .thresholds import Thresholds
 
 ALERT_OF = {"nan": "TrainingLossNotFinite", "explode": "TrainingGradientExplosion", "spike": "TrainingLossSpike",
@@ -75,8 +75,13 @@ def _input(series: Series, labels: Dict[str, str]) -> List[Dict[str, str]]:
     return out
 
 
-def _first_firing(rng: float, at: float) -> Dict:
-    expr = (f'min by (alertname, severity, namespace) (min_over_time(timestamp(ALERTS{{alertstate="firing"}})'
+def _first_firing(rng: float, at: float, gaps: Sequence[Tuple[float, float]]) -> Dict:
+    """When each alert first fired in the ``rng`` seconds before ``at``. promtool keeps evaluating the rules
+    through a simulated Prometheus outage, which a real Prometheus does not: firings inside a gap are left out."""
+    fired = 'timestamp(ALERTS{alertstate="firing"})'
+    for start, end in gaps:
+        fired += f" unless on () ((vector(time()) >= {start:g}) < {end:g})"
+    expr = (f"min by (alertname, severity, namespace) (min_over_time(({fired})"
             f"[{int(rng)}s:{EVAL_INTERVAL}s]))")
     return {"expr": expr, "eval_time": f"{int(at)}s", "exp_samples": []}
 
@@ -89,9 +94,10 @@ def replay(run: Run, rule_dir: Path) -> Result:
     if run.twin:
         inputs += _input(scrape_series(run, pathology=False), {**labels, "namespace": run.twin["namespace"]})
     end = len(next(iter(inputs))["values"].split()) * run.scrape
-    tests = [_first_firing(end, end)]
+    gaps = [tuple(_seconds(x) for x in run.events["gap"])] if "gap" in run.events else []
+    tests = [_first_firing(end, end, gaps)]
     if run.onset is not None:
-        tests.append(_first_firing(end - run.onset, end))
+        tests.append(_first_firing(end - run.onset, end, gaps))
     doc = {"rule_files": sorted(str(p.resolve()) for p in Path(rule_dir).glob("*.rules.yml")),
            "evaluation_interval": f"{EVAL_INTERVAL}s",
            "tests": [{"name": run.name, "interval": f"{int(run.scrape)}s", "input_series": inputs,
@@ -109,7 +115,8 @@ def replay(run: Run, rule_dir: Path) -> Result:
     if proc.returncode != 0 and "got:" not in text:
         raise RuntimeError(f"promtool failed on {run.name}:\n{text[-3000:]}")
     # One "expr:" block per failing test, in order; a passing test (nothing fired) prints none.
-    blocks = {m.group(1): m.group(2) for m in re.finditer(r"\[(\d+)s:30s\]\)\)[^\n]*\n(.*?)(?=expr:|\Z)", text, re.S)}
+    blocks = {m.group(1): m.group(2) for m in re.finditer(rf"\[(\d+)s:{EVAL_INTERVAL}s\]\)\)[^\n]*\n(.*?)(?=expr:|\Z)",
+                                                          text, re.S)}
 
     def parse(rng: float) -> Dict[Tuple[str, str, str], float]:
         got = blocks.get(str(int(rng)), "")
