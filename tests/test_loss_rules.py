@@ -11,7 +11,7 @@ from exporter.ops.simulate import Run, scrape_series
 from exporter.stack.servers import binary
 
 RULES = Path(__file__).resolve().parent.parent / "deploy" / "prometheus" / "rules"
-BASE = {"half": "tuning", "seed": 5, "rate": "1/min", "scrape": "60s", "eval": "100", "duration": "8h",
+BASE = {"half": "tuning", "seed": 5, "rate": "1/min", "scrape": "60s", "eval": "100", "duration": "5h",
         "loss": {"start": 3.0, "end": 1.0, "tau": "1h", "noise": 0.05}, "schedule": {"kind": "constant", "lr": 1e-3}}
 
 
@@ -24,22 +24,22 @@ def shifted(loss, by):
     return {**loss, "start": loss["start"] + by, "end": loss["end"] + by}
 
 
-DIVERGE = {"kind": "diverge", "strength": "strong", "at": "4h", "rise": 1.0, "over": "2h"}
+DIVERGE = {"kind": "diverge", "strength": "strong", "at": "3h", "rise": 1.0, "over": "2h"}
 RUNS = [
     # sign and offset: a negative loss that degrades from -3 to -1, and the same curve shifted by +5
     spec("neg-diverge", loss={"start": -1.0, "end": -3.0, "tau": "1h", "noise": 0.05}, pathology=DIVERGE),
     spec("pos-diverge", loss=shifted({"start": -1.0, "end": -3.0, "tau": "1h", "noise": 0.05}, 5), pathology=DIVERGE),
     spec("zero-centred", loss={"start": 0.1, "end": 0.0, "tau": "1h", "noise": 4.0}),
     # step rate: the same curve (in time) at one step a minute and one a second
-    spec("diverge-1s", rate="1/s", duration="5h", pathology=DIVERGE),
+    spec("diverge-1s", rate="1/s", pathology=DIVERGE),
     spec("cosine-1min", schedule={"kind": "cosine", "lr": 1e-3, "warmup": "20m"},
          loss={"start": 3.0, "end": 1.0, "tau": "2h", "noise": 0.005}),
     # overfitting against divergence: val rises while train falls, and both get worse
-    spec("overfit", pathology={"kind": "overfit", "strength": "strong", "at": "4h", "rise": 0.3, "over": "2h"}),
+    spec("overfit", eval="30", pathology={"kind": "overfit", "strength": "strong", "at": "3h", "rise": 0.3, "over": "2h"}),
     # gradient bursts relative to the run's own norm: a healthy norm of 2e4, a burst x100 over a norm of 1
     spec("bignorm", grad={"level": 2.0e4, "noise": 0.4}),
-    spec("burst", pathology={"kind": "explode", "strength": "strong", "at": "5h", "factor": 100, "burst": "3m"}),
-    spec("growth", pathology={"kind": "explode", "strength": "mild", "at": "2h", "factor": 100, "over": "4h"}),
+    spec("burst", pathology={"kind": "explode", "strength": "strong", "at": "3h", "factor": 100, "burst": "3m"}),
+    spec("growth", pathology={"kind": "explode", "strength": "mild", "at": "2h", "factor": 100, "over": "3h"}),
     # non-finite: a NaN before a restarted process's first scrape
     spec("nan-restart", rate="1/s", duration="2h", scrape="60s", events={"restart": "1h"},
          pathology={"kind": "nan", "strength": "mild", "at": "1h1m", "steps": 2}),
@@ -58,7 +58,9 @@ def alerts(r):
 def test_verdict_does_not_change_with_the_sign_or_offset_of_the_loss(results):
     neg, pos = results["neg-diverge"], results["pos-diverge"]
     assert neg.detected and pos.detected
-    assert neg.first == pos.first  # the same alerts at the same times
+    # The same alerts at the same times, within one rule evaluation (the sums differ in their last bits).
+    assert neg.first.keys() == pos.first.keys()
+    assert all(abs(neg.first[k] - pos.first[k]) <= scorecard.EVAL_INTERVAL for k in neg.first)
     assert alerts(results["zero-centred"]) == set()
 
 
