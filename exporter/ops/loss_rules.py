@@ -31,10 +31,13 @@ def recording(t: Thresholds) -> Dict[str, str]:
                 f" - sum by ({ids}) (increase(training_loss_negative_sum_total{{{s}}}[{w}])))"
                 f" / {steps(w)}")
 
-    def ladder(fast: str, slow: str, w: str) -> str:
-        """``fast`` where the run made at least min_steps steps in ``w``, else ``slow``."""
+    def ladder(fast: str, slow: str, w: str, w_slow: str) -> str:
+        """``fast`` where the run's mean step rate over ``w_slow`` gives at least min_steps steps per ``w``, else
+        ``slow``. Judged over the slow window, so a run that stops (finished, hung) keeps its fast window instead of
+        switching to a longer mean of older steps."""
+        ratio = num(t.seconds(f"windows.{w_slow}") / t.seconds(f"windows.{w}") * t.number("windows.min_steps"))
         return f"""
-            ({fast}) and on ({ids}) ({steps(w)} >= {min_steps})
+            ({fast}) and on ({ids}) ({steps(t.duration("windows." + w_slow))} >= {ratio})
             or
             ({slow})"""
 
@@ -45,7 +48,7 @@ def recording(t: Thresholds) -> Dict[str, str]:
     return {
         # Exact mean of every step's train loss over the smoothing window (the slow one for slow runs), over all
         # ranks; sign-safe: the positive and negative parts are separate counters.
-        "run:training_loss:smoothed": ladder(mean(smooth), mean(smooth_slow), smooth),
+        "run:training_loss:smoothed": ladder(mean(smooth), mean(smooth_slow), "smoothing", "smoothing_slow"),
         # The run's own per-step noise: standard deviation of the step losses over the trend window (a trend
         # inside the window counts as noise, which errs on the quiet side).
         "run:training_loss:noise": ladder(
@@ -53,7 +56,7 @@ def recording(t: Thresholds) -> Dict[str, str]:
             f" - ({mean(trend)}) ^ 2, 0))",
             f"sqrt(clamp_min(sum by ({ids}) (increase(training_loss_squared_sum_total{{{s}}}[{trend_slow}])) / "
             f"{steps(trend_slow)} - ({mean(trend_slow)}) ^ 2, 0))"
-            f" and on ({ids}) ({steps(trend_slow)} >= {min_steps})", trend),
+            f" and on ({ids}) ({steps(trend_slow)} >= {min_steps})", "trend", "trend_slow"),
         # The lowest smoothed loss of the lookback window: divergence is measured from it.
         "run:training_loss:best": f"""
             min_over_time(run:training_loss:smoothed[{lookback}])""",
@@ -68,7 +71,7 @@ def recording(t: Thresholds) -> Dict[str, str]:
             f"[{t.duration('alerts.TrainingPlateau.window')}])) / (run:training_loss:noise > 0)",
             f"(min_over_time(run:training_loss:smoothed[{trend_slow}] offset {trend_slow}) - "
             f"min_over_time(run:training_loss:smoothed[{trend_slow}])) / (run:training_loss:noise > 0)",
-            t.duration("alerts.TrainingPlateau.window")),
+            "trend", "trend_slow"),
         # Steps made over the trend window; from the per-process step counter, so a resumed job whose global
         # step jumps does not fake a flat slope.
         "run:training_step:advance": f"""
@@ -97,7 +100,7 @@ def recording(t: Thresholds) -> Dict[str, str]:
         "run:training_learning_rate:rise": ladder(
             f"max by ({ids}) (training_learning_rate{{{s}}}) / max by ({ids}) (min_over_time(training_learning_rate{{{s}}}[{trend}]))",
             f"max by ({ids}) (training_learning_rate{{{s}}}) / max by ({ids}) (min_over_time(training_learning_rate{{{s}}}[{trend_slow}]))",
-            trend),
+            "trend", "trend_slow"),
         "run:training_eval_loss:latest": f"""
             avg by ({ids}, split) (training_loss{{{s}, split!="train"}})""",
         "run:training_eval_loss:best": f"""
@@ -110,8 +113,9 @@ def recording(t: Thresholds) -> Dict[str, str]:
         "run:training_generalization_gap:trend": f"""
             run:training_generalization_gap:current - run:training_generalization_gap:current offset {trend}""",
         # Exact mean gradient norm of the steps over the smoothing window and over the baseline window.
-        "run:training_grad_norm:smoothed": ladder(grad_mean(smooth), grad_mean(smooth_slow), smooth),
-        "run:training_grad_norm:baseline": ladder(grad_mean(baseline), grad_mean(lookback), baseline),
+        "run:training_grad_norm:smoothed": ladder(grad_mean(smooth), grad_mean(smooth_slow), "smoothing",
+                                                  "smoothing_slow"),
+        "run:training_grad_norm:baseline": ladder(grad_mean(baseline), grad_mean(lookback), "baseline", "lookback"),
         "run:training_samples:rate": f"""
             sum by ({ids}) (rate(training_samples_total{{{s}}}[{smooth}]))""",
         "run:training_steps:rate": f"""

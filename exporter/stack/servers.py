@@ -255,7 +255,7 @@ class LocalStack:
 
     def __init__(self, workdir: Path, thresholds: Path, targets: Sequence[str], interval: str = "1s",
                  extra_targets: Optional[Dict[str, List[str]]] = None) -> None:
-        from .rules import write
+        from ..ops.rules import write
 
         self.workdir = Path(workdir)
         rule_dir = self.workdir / "rules"
