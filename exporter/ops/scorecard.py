@@ -237,7 +237,8 @@ def slowest_changes(t: Thresholds) -> List[str]:
     ]
     lines = ["## The slowest change each rule detects", "",
              "sigma: the run's own per-step standard deviation of the train loss over the trend window ("
-             f"{trend}, or {slow} when the run makes fewer than {num(smin)} steps in it). Per step: divide the per-hour "
+             f"{trend}, or {slow} when the run's mean step rate gives fewer than {num(smin)} steps per {trend}). Per step: "
+             "divide the per-hour "
              "figure by the steps an hour.", "",
              "| alert | fires on | slowest change detected |", "| --- | --- | --- |"]
     lines += [f"| {a} | {what} | {slowest} |" for a, what, slowest in rows]
