@@ -81,6 +81,17 @@ def _check_alertmanager(args: argparse.Namespace) -> int:
         return 2
 
 
+def _scorecard(args: argparse.Namespace) -> int:
+    import shlex
+    from pathlib import Path
+
+    from .ops import scorecard
+
+    return scorecard.main(Path(args.corpus), args.out and Path(args.out), thresholds=Path(args.thresholds),
+                          rule_dir=args.rules and Path(args.rules), half=args.half, title=args.title,
+                          command="python -m exporter " + shlex.join(sys.argv[1:]))
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .stack.demo import SCENARIOS
 
@@ -154,6 +165,19 @@ def build_parser() -> argparse.ArgumentParser:
                        help="where a folder the configuration names lies here, as a container mounts it "
                             "(e.g. /etc/alertmanager=deploy/alertmanager); repeatable")
     check.set_defaults(func=_check_alertmanager)
+
+    card = sub.add_parser("scorecard", help="score the rules on the detection corpus (recall, false alarms, delays)",
+                          description="Drive the real exporter through every corpus run on a simulated clock, replay "
+                                      "what Prometheus would have scraped through promtool against the rules, and "
+                                      "write the scorecard as Markdown.")
+    card.add_argument("--corpus", default="tests/corpus/corpus.yaml", help="corpus file (default %(default)s)")
+    card.add_argument("--thresholds", default="deploy/prometheus/thresholds.yaml",
+                      help="thresholds YAML the rules are generated from (default %(default)s)")
+    card.add_argument("--rules", help="score the rule files in this folder instead")
+    card.add_argument("--half", choices=("tuning", "held-out"), help="only this half (default both)")
+    card.add_argument("--title", default="Detection scorecard", help="the Markdown title")
+    card.add_argument("--out", help="Markdown file to write (default: print)")
+    card.set_defaults(func=_scorecard)
     return parser
 
 

@@ -9,7 +9,7 @@ import pytest
 from exporter.metrics import sample_names
 from exporter.ops import dashboards, report, rules
 from exporter.ops.links import base_url
-from exporter.ops.panels import all_panels, fill, regex_literal, run_panels, stand_ins
+from exporter.ops.panels import Selectors, all_panels, fill, regex_literal, run_panels, event_queries
 from exporter.ops.thresholds import Thresholds
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -180,21 +180,19 @@ def test_panels_draw_the_alerts_thresholds_of_the_thresholds_file():
     factor = T.number(a + "TrainingGradientExplosion.factor")
     gradient = by_title(board, "Gradient norm")
     assert any(t["expr"].startswith(f"{factor:g} * run:training_grad_norm:baseline") for t in gradient["targets"])
-    steps = [s["value"] for s in gradient["fieldConfig"]["defaults"]["thresholds"]["steps"]]
-    assert T.number(a + "TrainingGradientExplosion.ceiling") in steps
-    spike = T.number(a + "TrainingLossSpike.factor")
-    assert any(t["expr"].startswith(f"{spike:g} * run:training_loss_recent_max:baseline")
+    spike, sel = T.number(a + "TrainingLossSpike.sigmas"), Selectors(T).run
+    assert any(t["expr"] == f"run:training_loss:smoothed{{{sel}}} + {spike:g} * run:training_loss:noise{{{sel}}}"
                for t in by_title(board, "Loss spikes")["targets"])
-    ratio = by_title(board, "Spike ratio")["fieldConfig"]["defaults"]["thresholds"]["steps"]
-    assert spike in [s["value"] for s in ratio]
-    slope = by_title(board, "Relative slope per 1,000 steps")
-    assert slope["targets"][0]["expr"].startswith("1000 * run:training_loss:relative_slope")
-    assert [s["value"] for s in slope["fieldConfig"]["defaults"]["thresholds"]["steps"][1:]] == \
-        pytest.approx([0, 1000 * T.number(a + "TrainingDiverging.relative_slope")])
-    improvement = by_title(board, "Relative improvement per 1,000 steps")
+    size = by_title(board, "Spike size")["fieldConfig"]["defaults"]["thresholds"]["steps"]
+    assert spike in [s["value"] for s in size]
+    rise = by_title(board, "Rise above the best")
+    assert rise["targets"][0]["expr"].startswith("run:training_loss:rise_sigmas")
+    assert [s["value"] for s in rise["fieldConfig"]["defaults"]["thresholds"]["steps"][1:]] == \
+        pytest.approx([0, T.number(a + "TrainingDiverging.rise_sigmas")])
+    improvement = by_title(board, "Improvement per window")
     assert [s["value"] for s in improvement["fieldConfig"]["defaults"]["thresholds"]["steps"][1:]] == pytest.approx(
-        [1000 * T.number(a + "TrainingPlateau.relative_improvement"),
-         1000 * T.number(a + "TrainingLossDecreasingSlowly.relative_improvement")])
+        [T.number(a + "TrainingPlateau.improvement_sigmas"),
+         T.number(a + "TrainingLossDecreasingSlowly.improvement_sigmas")])
     hung = by_title(board, "Since last step")
     assert hung["fieldConfig"]["defaults"]["thresholds"]["steps"][1]["value"] == T.seconds(a + "TrainingHung.floor")
 
@@ -270,7 +268,7 @@ def test_dashboards_name_only_defined_metrics():
             names = set(re.findall(r"[a-zA-Z_:]*training_[a-z_:]*|ALERTS", expr))
             assert names, (where, expr)
             assert names <= known, (where, names - known)
-    for expr in stand_ins(T).values():
+    for expr in event_queries(T).values():
         assert set(re.findall(r"[a-zA-Z_:]*training_[a-z_:]*", expr)) <= known
 
 

@@ -91,8 +91,8 @@ def test_spike_panel_shows_the_one_step_spike(showcase):
     assert above.size, "the spike never rose above the threshold on the panel"
     fault_step = 0.3 * showcase.steps
     assert np.any(np.abs(above - fault_step) < 0.02 * showcase.steps), above
-    ratio = {line.label: line for line in panels["Spike ratio"]}["demo-spike"]
-    assert ratio.y.max() > t.number("alerts.TrainingLossSpike.factor")
+    size = {line.label: line for line in panels["Spike size"]}["demo-spike"]
+    assert size.y.max() > t.number("alerts.TrainingLossSpike.sigmas")
 
 
 def test_non_finite_steps_are_counted_once_each(showcase):

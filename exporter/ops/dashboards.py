@@ -14,7 +14,7 @@ from types import SimpleNamespace
 from typing import Dict, List, Sequence, Tuple
 
 from .links import OVERVIEW_UID, RUN_UID, base_url
-from .panels import Level, PanelSpec, Query, Selectors, annotations, run_panels, run_status, stand_ins, step_by_run
+from .panels import Level, PanelSpec, Query, Selectors, annotations, run_panels, run_status, event_queries, step_by_run
 from .thresholds import Thresholds
 
 DATASOURCE = "${datasource}"
@@ -257,7 +257,7 @@ def _overview_columns(t: Thresholds) -> Sequence[Tuple[str, str, str, str]]:
     def last(expr: str, how: str = "max") -> str:
         return f"{how} by ({by}) (last_over_time({expr}[$__range]))"
 
-    best = stand_ins(t, sel)["best_eval_loss"]
+    best = event_queries(t, sel)["best_eval_loss"]
     last_step = last(f"training_last_step_timestamp_seconds{{{sel}}}")
     start = f"min by ({by}) (min_over_time(training_run_start_timestamp_seconds{{{sel}}}[$__range]))"
     return (

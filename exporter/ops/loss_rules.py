@@ -1,25 +1,77 @@
 """The loss and gradient diagnoses of the seed: recording rules and alerts (non-finite, explosion, spike,
-divergence, overfitting, plateau, slow progress)."""
+divergence, overfitting, plateau, slow progress).
+
+Every verdict is sign- and offset-safe: the smoothed loss is a mean from sign-split sums, and loss changes are
+compared with the run's own per-step noise (from the squared sum), never divided by the loss. Windows are the
+longer of N steps and T minutes: each windowed quantity has a fast window and a slow one, and a run that makes
+fewer than ``windows.min_steps`` steps in the fast window is judged on the slow one.
+"""
 from __future__ import annotations
 
 from typing import Dict, List
 
-from .rules import Alert, num, pct, seconds
+from .rules import Alert, num
 from .thresholds import Thresholds
 
 
 def recording(t: Thresholds) -> Dict[str, str]:
     """Series shared by dashboards and alerts, one per run unless the name says ``run_rank``."""
     s, ids = t.text("selector"), t.identity
-    smooth, trend, baseline = t.duration("windows.smoothing"), t.duration("windows.trend"), t.duration("windows.baseline")
+    smooth, smooth_slow = t.duration("windows.smoothing"), t.duration("windows.smoothing_slow")
+    trend, trend_slow = t.duration("windows.trend"), t.duration("windows.trend_slow")
+    baseline, lookback = t.duration("windows.baseline"), t.duration("windows.lookback")
     split = t.text("eval_split")
-    explosion_window = t.duration("alerts.TrainingGradientExplosion.window")
+    min_steps = num(t.number("windows.min_steps"))
+
+    def steps(w: str) -> str:
+        return f"sum by ({ids}) (increase(training_loss_steps_total{{{s}}}[{w}]))"
+
+    def mean(w: str) -> str:
+        return (f"(sum by ({ids}) (increase(training_loss_positive_sum_total{{{s}}}[{w}]))"
+                f" - sum by ({ids}) (increase(training_loss_negative_sum_total{{{s}}}[{w}])))"
+                f" / {steps(w)}")
+
+    def ladder(fast: str, slow: str, w: str, w_slow: str) -> str:
+        """``fast`` where the run's mean step rate over ``w_slow`` gives at least min_steps steps per ``w``, else
+        ``slow``. Judged over the slow window, so a run that stops (finished, hung) keeps its fast window instead of
+        switching to a longer mean of older steps."""
+        ratio = num(t.seconds(f"windows.{w_slow}") / t.seconds(f"windows.{w}") * t.number("windows.min_steps"))
+        return f"""
+            ({fast}) and on ({ids}) ({steps(t.duration("windows." + w_slow))} >= {ratio})
+            or
+            ({slow})"""
+
+    def grad_mean(w: str) -> str:
+        return (f"sum by ({ids}) (increase(training_grad_norm_sum_total{{{s}}}[{w}]))"
+                f" / sum by ({ids}) (increase(training_grad_norm_steps_total{{{s}}}[{w}]))")
+
     return {
-        # Exact mean of every step's train loss over the smoothing window, over all ranks.
-        "run:training_loss:smoothed": f"""
-            sum by ({ids}) (increase(training_step_loss_sum{{{s}}}[{smooth}]))
-              /
-            sum by ({ids}) (increase(training_step_loss_count{{{s}}}[{smooth}]))""",
+        # Exact mean of every step's train loss over the smoothing window (the slow one for slow runs), over all
+        # ranks; sign-safe: the positive and negative parts are separate counters.
+        "run:training_loss:smoothed": ladder(mean(smooth), mean(smooth_slow), "smoothing", "smoothing_slow"),
+        # The run's own per-step noise: standard deviation of the step losses over the trend window (a trend
+        # inside the window counts as noise, which errs on the quiet side).
+        "run:training_loss:noise": ladder(
+            f"sqrt(clamp_min(sum by ({ids}) (increase(training_loss_squared_sum_total{{{s}}}[{trend}])) / {steps(trend)}"
+            f" - ({mean(trend)}) ^ 2, 0))",
+            f"sqrt(clamp_min(sum by ({ids}) (increase(training_loss_squared_sum_total{{{s}}}[{trend_slow}])) / "
+            f"{steps(trend_slow)} - ({mean(trend_slow)}) ^ 2, 0))"
+            f" and on ({ids}) ({steps(trend_slow)} >= {min_steps})", "trend", "trend_slow"),
+        # The lowest smoothed loss of the lookback window: divergence is measured from it.
+        "run:training_loss:best": f"""
+            min_over_time(run:training_loss:smoothed[{lookback}])""",
+        # How far the loss stands above that best, in units of its per-step noise.
+        "run:training_loss:rise_sigmas": """
+            (run:training_loss:smoothed - run:training_loss:best) / (run:training_loss:noise > 0)""",
+        # Improvement of the best smoothed loss over the plateau window against the window before, in noise units
+        # (sign-safe: a difference of losses).
+        "run:training_loss:improvement_sigmas": ladder(
+            f"(min_over_time(run:training_loss:smoothed[{t.duration('alerts.TrainingPlateau.window')}] offset "
+            f"{t.duration('alerts.TrainingPlateau.window')}) - min_over_time(run:training_loss:smoothed"
+            f"[{t.duration('alerts.TrainingPlateau.window')}])) / (run:training_loss:noise > 0)",
+            f"(min_over_time(run:training_loss:smoothed[{trend_slow}] offset {trend_slow}) - "
+            f"min_over_time(run:training_loss:smoothed[{trend_slow}])) / (run:training_loss:noise > 0)",
+            "trend", "trend_slow"),
         # Steps made over the trend window; from the per-process step counter, so a resumed job whose global
         # step jumps does not fake a flat slope.
         "run:training_step:advance": f"""
@@ -29,43 +81,41 @@ def recording(t: Thresholds) -> Dict[str, str]:
             (run:training_loss:smoothed - run:training_loss:smoothed offset {trend})
               /
             (run:training_step:advance > 0)""",
-        # The slope relative to the loss level: 1e-4 means +10% per 1000 steps, whatever the loss's scale.
-        "run:training_loss:relative_slope": f"""
-            run:training_loss:slope / run:training_loss:smoothed offset {trend}""",
-        # Relative improvement per step of the best smoothed loss: the lowest value of the last trend window
-        # against the lowest of the window before. Minima of a noisy mean move less than the mean itself, so
-        # this reads "stopped improving" more reliably than the slope does.
-        "run:training_loss:improvement": f"""
-            (
-              min_over_time(run:training_loss:smoothed[{trend}] offset {trend})
-              - min_over_time(run:training_loss:smoothed[{trend}])
-            )
-            / min_over_time(run:training_loss:smoothed[{trend}] offset {trend})
-            / (run:training_step:advance > 0)""",
         # Loss change per step over the smoothing window (the seed's third instability plot).
         "run:training_loss:change_per_step": f"""
             (run:training_loss:smoothed - run:training_loss:smoothed offset {smooth})
               /
             (max by ({ids}) (increase(training_step_duration_seconds_count{{{s}}}[{smooth}])) > 0)""",
+        # How far the largest recent step loss stands above the smoothed loss, in noise units: the spike signal.
+        "run:training_loss:spike_sigmas": f"""
+            (max by ({ids}) (training_loss_recent_max{{{s}}}) - run:training_loss:smoothed)
+              / (run:training_loss:noise > 0)""",
+        # The learning rate relative to its highest value of the lookback window: near 1 the schedule has not
+        # annealed it (a flat loss is stuck), near 0 it has (converged).
+        "run:training_learning_rate:fraction_of_peak": f"""
+            max by ({ids}) (training_learning_rate{{{s}}})
+              / max by ({ids}) (max_over_time(training_learning_rate{{{s}}}[{lookback}]))""",
+        # Above 1 while the learning rate stands above its lowest value of the trend window: a warmup or a warm
+        # restart, after which a higher loss is expected.
+        "run:training_learning_rate:rise": ladder(
+            f"max by ({ids}) (training_learning_rate{{{s}}}) / max by ({ids}) (min_over_time(training_learning_rate{{{s}}}[{trend}]))",
+            f"max by ({ids}) (training_learning_rate{{{s}}}) / max by ({ids}) (min_over_time(training_learning_rate{{{s}}}[{trend_slow}]))",
+            "trend", "trend_slow"),
         "run:training_eval_loss:latest": f"""
             avg by ({ids}, split) (training_loss{{{s}, split!="train"}})""",
+        "run:training_eval_loss:best": f"""
+            min by ({ids}, split) (training_eval_loss_best{{{s}}})""",
+        "run:training_evals:since_best": f"""
+            max by ({ids}, split) (training_evals_since_best{{{s}}})""",
         # The seed's generalization gap: latest eval loss minus the smoothed train loss.
         "run:training_generalization_gap:current": f"""
             run:training_eval_loss:latest{{split="{split}"}} - ignoring (split) run:training_loss:smoothed""",
         "run:training_generalization_gap:trend": f"""
             run:training_generalization_gap:current - run:training_generalization_gap:current offset {trend}""",
-        # Medians: robust to single noisy steps.
-        "run:training_grad_norm:smoothed": f"""
-            max by ({ids}) (quantile_over_time(0.5, training_grad_norm{{{s}}}[{explosion_window}]))""",
-        "run:training_grad_norm:baseline": f"""
-            max by ({ids}) (quantile_over_time(0.5, training_grad_norm{{{s}}}[{baseline}]))""",
-        # The usual windowed loss maximum: small-batch noise sets it, so spikes are judged against the run's own
-        # noise.
-        "run:training_loss_recent_max:baseline": f"""
-            max by ({ids}) (quantile_over_time(0.5, training_loss_recent_max{{{s}}}[{baseline}]))""",
-        # How far the latest windowed maximum stands above that usual level: the loss-spike signal.
-        "run:training_loss:spike_ratio": f"""
-            max by ({ids}) (training_loss_recent_max{{{s}}}) / run:training_loss_recent_max:baseline""",
+        # Exact mean gradient norm of the steps over the smoothing window and over the baseline window.
+        "run:training_grad_norm:smoothed": ladder(grad_mean(smooth), grad_mean(smooth_slow), "smoothing",
+                                                  "smoothing_slow"),
+        "run:training_grad_norm:baseline": ladder(grad_mean(baseline), grad_mean(lookback), "baseline", "lookback"),
         "run:training_samples:rate": f"""
             sum by ({ids}) (rate(training_samples_total{{{s}}}[{smooth}]))""",
         "run:training_steps:rate": f"""
@@ -84,89 +134,113 @@ def recording(t: Thresholds) -> Dict[str, str]:
 
 def alerts(t: Thresholds) -> List[Alert]:
     """The loss and gradient alerts."""
-    ids = t.identity
-    s = t.text("selector")
-    trend, lookback = t.duration("windows.trend"), t.duration("windows.lookback")
-    split = t.text("eval_split")
+    ids, s = t.identity, t.text("selector")
+    lookback, split = t.duration("windows.lookback"), t.text("eval_split")
     a = "alerts."
     nf, ge, ls = a + "TrainingLossNotFinite.", a + "TrainingGradientExplosion.", a + "TrainingLossSpike."
     dv, of, pl = a + "TrainingDiverging.", a + "TrainingOverfitting.", a + "TrainingPlateau."
     sl = a + "TrainingLossDecreasingSlowly."
-    nf_window = t.duration(nf + "window")
-    plateau_slope = t.number(pl + "relative_improvement")
-    old_enough = f"""(time() - min by ({ids}) (training_run_start_timestamp_seconds{{{s}}})) > {num(t.seconds(pl + "min_age"))}"""
-    # Not improving, and not rising either (a rising loss is the divergence alert's).
-    flat = f"""run:training_loss:improvement < {num(plateau_slope)}
-            and run:training_loss:smoothed < {num(1 + t.number(pl + "max_rise"))} * min_over_time(run:training_loss:smoothed[{trend}])"""
-
-    # Counts are rounded: increase() extrapolates to the window's edges, and "14.61 steps" reads oddly. It only
-    # extrapolates upwards, so one event still counts as at least 1.
-    return [Alert(*a) for a in (
+    nf_window, skip_window = t.duration(nf + "window"), t.duration(nf + "scaler_window")
+    old_enough = (f"(time() - min by ({ids}) (training_run_start_timestamp_seconds{{{s}}})) > "
+                  f"{num(t.seconds(pl + 'min_age'))}")
+    annealed = num(t.number(pl + "annealed_lr_fraction"))
+    flat = f"run:training_loss:improvement_sigmas < {num(t.number(pl + 'improvement_sigmas'))}"
+    val_improving = (f"(run:training_eval_loss:best{{split=\"{split}\"}} offset {t.duration(pl + 'window')}"
+                     f" - run:training_eval_loss:best{{split=\"{split}\"}})"
+                     f" > ignoring (split) ({num(t.number(pl + 'improvement_sigmas'))} * run:training_loss:noise)")
+    last_nf = f"max by ({ids}) (training_last_nonfinite_timestamp_seconds{{{s}}})"
+    last_nf_before = f"max by ({ids}) (training_last_nonfinite_timestamp_seconds{{{s}}} offset {nf_window})"
+    return [Alert(*x) for x in (
         ("TrainingLossNotFinite", f"""
-            round(sum by ({ids}) (
-              increase(training_loss_nonfinite_total{{{s}}}[{nf_window}])
-              + increase(training_grad_nonfinite_total{{{s}}}[{nf_window}])
-            )) > 0
+            {last_nf} > {last_nf_before}
             or
-            round(sum by ({ids}) (increase(training_scaler_skipped_steps_total{{{s}}}[{nf_window}])))
+            ({last_nf} unless {last_nf_before})
+            or
+            round(sum by ({ids}) (increase(training_scaler_skipped_steps_total{{{s}}}[{skip_window}])))
               > {num(t.number(nf + "max_skipped_ratio"))}
-              * sum by ({ids}) (increase(training_step_duration_seconds_count{{{s}}}[{nf_window}]))""",
+              * sum by ({ids}) (increase(training_step_duration_seconds_count{{{s}}}[{skip_window}]))
+            and
+            round(sum by ({ids}) (increase(training_scaler_skipped_steps_total{{{s}}}[{skip_window}])))
+              >= {num(t.number(nf + "min_skipped_steps"))}""",
          t.duration(nf + "for"),
          "Training loss or gradients became NaN or infinite.",
-         "Run {{ $labels.run }} had {{ $value | humanize }} steps with a NaN/Inf loss or gradients (or skipped by "
-         "its gradient scaler, more than " + pct(t.number(nf + "max_skipped_ratio")) + " of steps) in the last "
-         + nf_window + "."),
+         "Run {{ $labels.run }} had a step with a NaN/Inf loss or gradients in the last " + nf_window
+         + " (value: the time of the last one, or the scaler-skipped steps of the last " + skip_window
+         + " when more than half of its steps and at least " + num(t.number(nf + "min_skipped_steps"))
+         + " were skipped: {{ $value }})."),
         ("TrainingGradientExplosion", f"""
-            run:training_grad_norm:smoothed > {num(t.number(ge + "factor"))} * run:training_grad_norm:baseline
+            max by ({ids}) (max_over_time(training_grad_norm_recent_max{{{s}}}[{t.duration(ge + "window")}]))
+              > {num(t.number(ge + "factor"))} * run:training_grad_norm:baseline
             or
-            max by ({ids}) (max_over_time(training_grad_norm_recent_max{{{s}}}[{seconds(t.seconds(ge + "for") + t.seconds(ge + "window"))}]))
-              > {num(t.number(ge + "ceiling"))}""",
+            run:training_grad_norm:smoothed
+              > {num(t.number(ge + "growth_factor"))} * min_over_time(run:training_grad_norm:smoothed[{lookback}])""",
          t.duration(ge + "for"),
          "Gradient norm jumped far above its recent level.",
          "Run {{ $labels.run }}: gradient norm {{ $value | humanize }}, more than "
-         + num(t.number(ge + "factor")) + "x its median over the last " + t.duration("windows.baseline")
-         + " or above the ceiling " + num(t.number(ge + "ceiling")) + "."),
+         + num(t.number(ge + "factor")) + "x the run's mean norm over the last " + t.duration("windows.baseline")
+         + " (or its mean grew " + num(t.number(ge + "growth_factor")) + "x over " + lookback + ")."),
         ("TrainingLossSpike", f"""
-            max_over_time(run:training_loss:spike_ratio[{t.duration(ls + "window")}]) > {num(t.number(ls + "factor"))}""",
+            max_over_time(run:training_loss:spike_sigmas[{t.duration(ls + "window")}]) > {num(t.number(ls + "sigmas"))}""",
          t.duration(ls + "for"),
          "Training loss spiked.",
-         "Run {{ $labels.run }}: a step's train loss reached {{ $value | humanize }}x the run's usual windowed "
-         "maximum (threshold " + num(t.number(ls + "factor")) + "x) in the last " + t.duration(ls + "window") + "."),
+         "Run {{ $labels.run }}: a step's train loss stood {{ $value | humanize }} standard deviations of the run's "
+         "own step noise above its smoothed loss (threshold " + num(t.number(ls + "sigmas")) + ") in the last "
+         + t.duration(ls + "window") + "."),
         ("TrainingDiverging", f"""
-            run:training_loss:relative_slope > {num(t.number(dv + "relative_slope"))}
+            run:training_loss:rise_sigmas > {num(t.number(dv + "rise_sigmas"))}
             and
-            run:training_loss:change_per_step > 0""",
+            run:training_loss:smoothed > run:training_loss:smoothed offset {t.duration("windows.trend")}
+            unless on ({ids})
+            run:training_learning_rate:rise > {num(t.number(dv + "lr_rise"))}""",
          t.duration(dv + "for"),
          "Training loss trends upward.",
-         "Run {{ $labels.run }}: the smoothed train loss rises by {{ $value | humanizePercentage }} per step "
-         "(relative), over " + trend + "."),
+         "Run {{ $labels.run }}: the smoothed train loss stands {{ $value | humanize }} standard deviations of its "
+         "step noise above its best of the last " + lookback + ", and rose over the last "
+         + t.duration("windows.trend") + "."),
         ("TrainingOverfitting", f"""
-            run:training_eval_loss:latest{{split="{split}"}}
-              > {num(1 + t.number(of + "val_rise"))} * min_over_time(run:training_eval_loss:latest{{split="{split}"}}[{lookback}])
-            and ignoring (split)
-            run:training_generalization_gap:trend > 0
-            and ignoring (split)
-            run:training_loss:smoothed < {num(1 + t.number(of + "train_near_best"))} * min_over_time(run:training_loss:smoothed[{lookback}])""",
+            run:training_evals:since_best{{split="{split}"}} >= {num(t.number(of + "patience_evals"))}
+            and on ({ids})
+            (
+              run:training_eval_loss:latest{{split="{split}"}} - run:training_eval_loss:best{{split="{split}"}}
+              > ignoring (split)
+              {num(t.number(of + "gap_widening"))} * abs(run:training_eval_loss:best{{split="{split}"}}
+                - ignoring (split) min_over_time(run:training_loss:smoothed[{lookback}]))
+            )
+            and on ({ids})
+            run:training_loss:smoothed
+              <= min_over_time(run:training_loss:smoothed[{lookback}])
+              + {num(t.number(of + "train_near_best_sigmas"))} * run:training_loss:noise""",
          t.duration(of + "for"),
          "Validation loss rises while training loss falls: overfitting.",
-         "Run {{ $labels.run }}: " + split + " loss {{ $value | humanize }} is more than "
-         + pct(t.number(of + "val_rise")) + " above its best of the last " + lookback
-         + " while the train loss stays at its best; the generalization gap widens."),
+         "Run {{ $labels.run }}: " + split + " loss has not improved for {{ $value }} evaluations and stands above "
+         "its best by more than " + num(100 * t.number(of + "gap_widening")) + "% of the generalization gap at "
+         "that best, while the train loss keeps at its lowest of the last " + lookback + "."),
         ("TrainingPlateau", f"""
-            {flat}
-            and on ({ids}) {old_enough}
-            unless on ({ids})
-            run:training_eval_loss:latest{{split="{split}"}} < run:training_eval_loss:latest{{split="{split}"}} offset {trend}""",
+            (
+            label_replace(
+              {flat} and on ({ids}) (run:training_learning_rate:fraction_of_peak >= {annealed}),
+              "cause", "stuck", "", "")
+            or
+            label_replace(
+              {flat} and on ({ids}) (run:training_learning_rate:fraction_of_peak < {annealed}),
+              "cause", "converged", "", "")
+            or
+            label_replace({flat} unless on ({ids}) run:training_learning_rate:fraction_of_peak, "cause", "unknown", "", "")
+            ) and on ({ids}) {old_enough}
+            unless on ({ids}) ({val_improving})""",
          t.duration(pl + "for"),
          "Training and validation loss stopped improving: converged or stuck.",
-         "Run {{ $labels.run }}: the best smoothed train loss improved by {{ $value | humanizePercentage }} per "
-         "step over the last " + trend + " and the " + split + " loss is not improving."),
+         "Run {{ $labels.run }} ({{ $labels.cause }}: stuck while the learning rate is still at least "
+         + num(100 * t.number(pl + "annealed_lr_fraction")) + "% of its peak, converged once the schedule annealed "
+         "it): the best smoothed train loss improved by {{ $value | humanize }} standard deviations of its step "
+         "noise over the last plateau window and the " + split + " loss is not improving."),
         ("TrainingLossDecreasingSlowly", f"""
-            run:training_loss:improvement >= {num(plateau_slope)}
-            and run:training_loss:improvement < {num(t.number(sl + "relative_improvement"))}
+            run:training_loss:improvement_sigmas >= {num(t.number(pl + "improvement_sigmas"))}
+            and run:training_loss:improvement_sigmas < {num(t.number(sl + "improvement_sigmas"))}
+            and on ({ids}) run:training_learning_rate:fraction_of_peak >= {annealed}
             and on ({ids}) {old_enough}""",
          t.duration(sl + "for"),
          "Training loss falls too slowly: the learning rate may be too low.",
-         "Run {{ $labels.run }}: the best smoothed train loss improves by only {{ $value | humanizePercentage }} "
-         "per step over the last " + trend + "."),
+         "Run {{ $labels.run }}: the best smoothed train loss improves by only {{ $value | humanize }} standard "
+         "deviations of its step noise per plateau window while the learning rate has not been annealed."),
     )]

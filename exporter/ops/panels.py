@@ -96,21 +96,20 @@ def runbook_labels(expr: str, runbook: str) -> str:
     return expr
 
 
-def stand_ins(t: Thresholds, sel: Optional[str] = None) -> Dict[str, str]:
-    """Queries built from today's series that stand in for series the exporter is about to serve; each is swapped
-    for the replacement named beside it once that series exists. The panels read them from here only. ``sel``:
-    the label matchers (default: the selected runs)."""
+def event_queries(t: Thresholds, sel: Optional[str] = None) -> Dict[str, str]:
+    """Queries that several panels and annotations share: the best eval loss, evaluations and non-finite steps.
+    ``sel``: the label matchers (default: the selected runs)."""
     s = Selectors(t)
     by, sel = s.by, sel if sel is not None else s.run
     split = t.text("eval_split")
     return {
-        # -> min by (ids) (training_eval_loss_best{split=...}): the exporter's own best, exact even between scrapes.
-        "best_eval_loss": f"min by ({by}) (min_over_time("
-                          f'run:training_eval_loss:latest{{{sel}, split="{split}"}}[$__range]))',
-        # -> increase(training_evals_total[1m]) > 0: counts every evaluation, also two in one scrape interval.
-        "evaluations": f"max by ({by}, split) (changes(training_eval_step{{{sel}}}[1m]) > 0)",
-        # -> changes(training_last_nonfinite_timestamp_seconds[1m]) > 0: the moment of the last non-finite step.
-        "nonfinite": f"max by ({by}) (changes(training_loss_nonfinite_total{{{sel}}}[1m]) > 0)",
+        # The exporter's own best: exact even when two evaluations fall between scrapes.
+        "best_eval_loss": f"min by ({by}) (last_over_time("
+                          f'training_eval_loss_best{{{sel}, split="{split}"}}[$__range]))',
+        # Counts every evaluation, also two in one scrape interval.
+        "evaluations": f"max by ({by}, split) (increase(training_evals_total{{{sel}}}[1m]) > 0)",
+        # The moment of the last non-finite step, also one that happened while Prometheus was away.
+        "nonfinite": f"max by ({by}) (changes(training_last_nonfinite_timestamp_seconds{{{sel}}}[1m]) > 0)",
     }
 
 
@@ -121,13 +120,12 @@ def run_panels(t: Thresholds) -> Tuple[Row, ...]:
     a = "alerts."
     split = t.text("eval_split")
     ls, ge = a + "TrainingLossSpike.", a + "TrainingGradientExplosion."
-    spike, explosion = t.number(ls + "factor"), t.number(ge + "factor")
-    per_k = 1000  # slopes are per step in the rules; per 1,000 steps reads as "+10%"
-    diverging = t.number(a + "TrainingDiverging.relative_slope") * per_k
-    plateau = t.number(a + "TrainingPlateau.relative_improvement") * per_k
-    slow = t.number(a + "TrainingLossDecreasingSlowly.relative_improvement") * per_k
+    spike, explosion = t.number(ls + "sigmas"), t.number(ge + "factor")
+    diverging = t.number(a + "TrainingDiverging.rise_sigmas")
+    plateau = t.number(a + "TrainingPlateau.improvement_sigmas")
+    slow = t.number(a + "TrainingLossDecreasingSlowly.improvement_sigmas")
     trend = t.duration("windows.trend")
-    extra = stand_ins(t)
+    extra = event_queries(t)
     train = Query(f"run:training_loss:smoothed{{{sel}}}", "{{run}}")
 
     def latest(expr: str) -> str:
@@ -180,22 +178,22 @@ def run_panels(t: Thresholds) -> Tuple[Row, ...]:
     instability = Row("Instability", (
         PanelSpec("Loss spikes", "The train loss of the last step at each scrape, the largest loss of any step "
                   "in the exporter's window (a one-step spike between two scrapes shows here), and the spike "
-                  f"alert's threshold: {spike:g}x the run's usual windowed maximum.",
+                  f"alert's threshold: the smoothed loss plus {spike:g} deviations of the run's step noise.",
                   (Query(f'avg by ({by}) (training_loss{{{rank}, split="train"}})', "{{run}}"),
                    Query(f"max by ({by}) (training_loss_recent_max{{{rank}}})", "{{run}} windowed max"),
-                   Query(f"{spike:g} * run:training_loss_recent_max:baseline{{{sel}}}", "{{run}} spike threshold",
-                         "threshold")), log_scale=True),
-        PanelSpec("Spike ratio", "The windowed maximum over its usual level; the spike alert fires above "
-                  f"{spike:g}.", (Query(f"run:training_loss:spike_ratio{{{sel}}}", "{{run}}"),),
-                  levels=(Level(spike, "TrainingLossSpike"),), log_scale=True),
-        PanelSpec("Gradient norm", "Global L2 norm of the gradients before clipping: median over the explosion "
-                  "window, largest single step, the explosion alert's relative threshold "
-                  f"({explosion:g}x the baseline median) and its ceiling.",
+                   Query(f"run:training_loss:smoothed{{{sel}}} + {spike:g} * run:training_loss:noise{{{sel}}}",
+                         "{{run}} spike threshold", "threshold"))),
+        PanelSpec("Spike size", "How many deviations of the run's step noise the windowed maximum stands above the "
+                  f"smoothed loss; the spike alert fires above {spike:g}.",
+                  (Query(f"run:training_loss:spike_sigmas{{{sel}}}", "{{run}}"),),
+                  levels=(Level(spike, "TrainingLossSpike"),)),
+        PanelSpec("Gradient norm", "Global L2 norm of the gradients before clipping: mean over the explosion "
+                  "window, largest single step, and the explosion alert's threshold "
+                  f"({explosion:g}x the run's mean norm over the baseline window).",
                   (Query(f"run:training_grad_norm:smoothed{{{sel}}}", "{{run}}"),
                    Query(f"max by ({by}) (training_grad_norm_recent_max{{{rank}}})", "{{run}} largest step"),
                    Query(f"{explosion:g} * run:training_grad_norm:baseline{{{sel}}}", "{{run}} explosion threshold",
-                         "threshold")),
-                  levels=(Level(t.number(ge + "ceiling"), "ceiling"),), log_scale=True),
+                         "threshold")), log_scale=True),
         PanelSpec("Loss change per step", "Change of the smoothed train loss per optimizer step over the "
                   "smoothing window: frequent large swings mean unstable training.",
                   (Query(f"run:training_loss:change_per_step{{{sel}}}", "{{run}}"),), zero_line=True),
@@ -217,15 +215,15 @@ def run_panels(t: Thresholds) -> Tuple[Row, ...]:
         PanelSpec("Learning rate", "Learning rate of each optimizer param group.",
                   (Query(f"max by ({by}, param_group) (training_learning_rate{{{rank}}})",
                          "{{run}} group {{param_group}}"),), unit="sci", log_scale=True),
-        PanelSpec("Relative slope per 1,000 steps", "How much the smoothed train loss changes per 1,000 steps, "
-                  f"relative to its level, over the trend window. The divergence alert fires above "
-                  f"{diverging:.3g} (+{diverging:.0%}).",
-                  (Query(f"{per_k} * run:training_loss:relative_slope{{{sel}}}", "{{run}}"),),
-                  unit="percentunit", levels=(Level(diverging, "TrainingDiverging"),), zero_line=True),
-        PanelSpec("Relative improvement per 1,000 steps", "How much the best smoothed train loss improved per "
-                  "1,000 steps, relative to its level. Below the plateau line: converged or stuck; between the "
-                  "lines for hours: the learning rate may be too low.",
-                  (Query(f"{per_k} * run:training_loss:improvement{{{sel}}}", "{{run}}"),), unit="percentunit",
+        PanelSpec("Rise above the best", "How many deviations of the run's step noise the smoothed train loss "
+                  f"stands above its best of the lookback. The divergence alert fires above {diverging:g} while the "
+                  "loss still rises.",
+                  (Query(f"run:training_loss:rise_sigmas{{{sel}}}", "{{run}}"),),
+                  levels=(Level(diverging, "TrainingDiverging"),), zero_line=True),
+        PanelSpec("Improvement per window", "How many deviations of the run's step noise the best smoothed train "
+                  "loss improved by over the plateau window. Below the plateau line: converged or stuck; below the "
+                  "slow-progress line for hours: the learning rate may be too low.",
+                  (Query(f"run:training_loss:improvement_sigmas{{{sel}}}", "{{run}}"),),
                   levels=(Level(plateau, "TrainingPlateau"), Level(slow, "TrainingLossDecreasingSlowly"))),
     ))
     system = Row("Throughput and steps", (
@@ -254,7 +252,7 @@ def run_panels(t: Thresholds) -> Tuple[Row, ...]:
 def annotations(t: Thresholds) -> Tuple[Tuple[str, str, str, str], ...]:
     """The run dashboard's annotations: (name, query, colour, title format)."""
     s = Selectors(t)
-    extra = stand_ins(t)
+    extra = event_queries(t)
     colour = {"critical": "red", "warning": "orange", "info": "blue"}
     alerts = tuple((f"Alerts: {sev}", f'ALERTS{{alertstate="firing", severity="{sev}", {s.run}}}', colour[sev],
                     "{{alertname}}") for sev in colour)

@@ -1,0 +1,295 @@
+"""The detection scorecard: every corpus run replayed through ``promtool test rules``, scored per alert and half.
+
+For each run the generator (``simulate``) produces what Prometheus would have scraped; promtool evaluates the
+rule files over it and reports when each alert first fired. A pathology counts as detected when its alert fires
+after the onset: a strong one within the longer of 3 evaluations and 30 minutes, a mild one before the run ends.
+Any warning or critical alert on a healthy run (or before the onset, or in the healthy twin's namespace) is a
+false alarm.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import math
+import re
+import shutil
+import statistics
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import yaml
+
+from . import rules as rulegen
+from .rules import num
+from .simulate import Run, Series, _seconds, scrape_series
+from .thresholds import Thresholds
+
+ALERT_OF = {"nan": "TrainingLossNotFinite", "explode": "TrainingGradientExplosion", "spike": "TrainingLossSpike",
+            "diverge": "TrainingDiverging", "overfit": "TrainingOverfitting", "plateau": "TrainingPlateau"}
+EVAL_INTERVAL = 30  # seconds between rule evaluations in the replay (the thresholds file's default)
+_GOT = re.compile(r"\{([^}]*)\}\s*=?>?\s*([-+0-9.eE]+|NaN)")
+
+
+@dataclass
+class Result:
+    """How the rules did on one run."""
+
+    run: Run
+    first: Dict[Tuple[str, str, str], float]  # (alert, severity, namespace) -> first firing (s)
+    after: Dict[Tuple[str, str, str], float]  # the same, counted from the onset only
+    expected: Optional[str] = None
+    delay: Optional[float] = None  # seconds from onset to the expected alert
+    false_alarms: List[str] = field(default_factory=list)
+
+    @property
+    def target(self) -> float:
+        """The detection deadline after the onset: the longer of 3 evaluations and 30 minutes."""
+        return max(3 * self.run.eval_interval, 1800.0)
+
+    @property
+    def detected(self) -> bool:
+        if self.delay is None:
+            return False
+        return self.run.pathology.get("strength") != "strong" or self.delay <= self.target
+
+
+def load_corpus(path: Path) -> List[Run]:
+    return [Run.from_dict(d) for d in yaml.safe_load(Path(path).read_text())["runs"]]
+
+
+def _fmt(v: Optional[float]) -> str:
+    if v is None:
+        return "_"
+    return "NaN" if math.isnan(v) else ("Inf" if v == math.inf else ("-Inf" if v == -math.inf else f"{v:.8g}"))
+
+
+def _input(series: Series, labels: Dict[str, str]) -> List[Dict[str, str]]:
+    out = []
+    for key, values in series.items():
+        name, inner = key.split("{", 1)
+        pairs = ",".join([inner.rstrip("}")] * bool(inner.rstrip("}")) + [f'{k}="{v}"' for k, v in labels.items()])
+        out.append({"series": f"{name}{{{pairs}}}", "values": " ".join(map(_fmt, values))})
+    return out
+
+
+def _first_firing(rng: float, at: float, gaps: Sequence[Tuple[float, float]]) -> Dict:
+    """When each alert first fired in the ``rng`` seconds before ``at``. promtool keeps evaluating the rules
+    through a simulated Prometheus outage, which a real Prometheus does not: firings inside a gap are left out."""
+    fired = 'timestamp(ALERTS{alertstate="firing"})'
+    for start, end in gaps:
+        fired += f" unless on () ((vector(time()) >= {start:g}) < {end:g})"
+    expr = (f"min by (alertname, severity, namespace) (min_over_time(({fired})"
+            f"[{int(rng)}s:{EVAL_INTERVAL}s]))")
+    return {"expr": expr, "eval_time": f"{int(at)}s", "exp_samples": []}
+
+
+def replay(run: Run, rule_dir: Path) -> Result:
+    """Generate the run (and its twin), replay it through promtool against ``rule_dir``, and score it."""
+    labels = {"job": "training", "instance": "node-1:9945"}
+    began = time.perf_counter()
+    inputs = _input(scrape_series(run), {**labels, "namespace": run.namespace})
+    if run.twin:
+        inputs += _input(scrape_series(run, pathology=False), {**labels, "namespace": run.twin["namespace"]})
+    end = len(next(iter(inputs))["values"].split()) * run.scrape
+    gaps = [tuple(_seconds(x) for x in run.events["gap"])] if "gap" in run.events else []
+    tests = [_first_firing(end, end, gaps)]
+    if run.onset is not None:
+        tests.append(_first_firing(end - run.onset, end, gaps))
+    doc = {"rule_files": sorted(str(p.resolve()) for p in Path(rule_dir).glob("*.rules.yml")),
+           "evaluation_interval": f"{EVAL_INTERVAL}s",
+           "tests": [{"name": run.name, "interval": f"{int(run.scrape)}s", "input_series": inputs,
+                      "promql_expr_test": tests}]}
+    generated = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="scorecard-") as tmp:
+        path = Path(tmp) / "replay.yml"
+        path.write_text(yaml.safe_dump(doc, sort_keys=False, width=1 << 20))
+        proc = subprocess.run([shutil.which("promtool") or "promtool", "test", "rules", str(path)],
+                              capture_output=True, text=True)
+    text = proc.stdout + proc.stderr
+    import sys
+    print(f"{run.name}: generated in {generated - began:.1f} s, promtool {time.perf_counter() - generated:.1f} s",
+          file=sys.stderr)
+    if proc.returncode != 0 and "got:" not in text:
+        raise RuntimeError(f"promtool failed on {run.name}:\n{text[-3000:]}")
+    # One "expr:" block per failing test, in order; a passing test (nothing fired) prints none.
+    blocks = {m.group(1): m.group(2) for m in re.finditer(rf"\[(\d+)s:{EVAL_INTERVAL}s\]\)\)[^\n]*\n(.*?)(?=expr:|\Z)",
+                                                          text, re.S)}
+
+    def parse(rng: float) -> Dict[Tuple[str, str, str], float]:
+        got = blocks.get(str(int(rng)), "")
+        got = got.split("got:", 1)[1] if "got:" in got else ""
+        out = {}
+        for inner, value in _GOT.findall(got):
+            lab = dict(re.findall(r'(\w+)="([^"]*)"', inner))
+            out[(lab["alertname"], lab.get("severity", ""), lab.get("namespace", ""))] = float(value)
+        return out
+
+    first = parse(end)
+    after = parse(end - run.onset) if run.onset is not None else {}
+    if run.onset is not None and end - run.onset == end:
+        after = dict(first)
+    return score(Result(run, first, after))
+
+
+def score(r: Result) -> Result:
+    run = r.run
+    expected = ALERT_OF[run.pathology["kind"]] if run.pathology else None
+    r.expected = expected
+    for (alert, severity, ns), at in sorted(r.first.items(), key=lambda kv: kv[1]):
+        if severity == "info":
+            continue
+        if ns != run.namespace or expected is None or at < run.onset - 1e-6:
+            r.false_alarms.append(f"{alert} ({severity}, {ns}) at {at / 60:.0f} min")
+    if expected:
+        times = [at for (alert, _, ns), at in r.after.items() if alert == expected and ns == run.namespace]
+        if times:
+            r.delay = max(0.0, min(times) - run.onset)
+    return r
+
+
+def run_corpus(runs: Sequence[Run], rule_dir: Path, workers: int = 2) -> List[Result]:
+    with concurrent.futures.ProcessPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(replay, runs, [rule_dir] * len(runs)))
+
+
+# ------------------------------------------------------------------------------------------------- the report
+def _delays(rs: List[Result]) -> str:
+    ds = [r for r in rs if r.delay is not None]
+    if not ds:
+        return "-"
+    mid = sorted(ds, key=lambda r: r.delay)[len(ds) // 2]
+    worst = max(ds, key=lambda r: r.delay)
+    return (f"{mid.delay / 60:.0f} min, {mid.delay * mid.run.rate:.0f} steps, {mid.delay / mid.run.eval_interval:.1f} "
+            f"evals / {worst.delay / 60:.0f} min, {worst.delay * worst.run.rate:.0f} steps, "
+            f"{worst.delay / worst.run.eval_interval:.1f} evals")
+
+
+def table(results: List[Result], half: str) -> List[str]:
+    rs = [r for r in results if r.run.half == half]
+    lines = [f"### {half} half: {len(rs)} runs", "",
+             "| alert | strong detected in time | mild detected | false alarms (runs) "
+             "| delay: median / slowest (minutes, steps, evaluations) |",
+             "| --- | --- | --- | --- | --- |"]
+    for kind, alert in ALERT_OF.items():
+        mine = [r for r in rs if r.expected == alert]
+        strong = [r for r in mine if r.run.pathology.get("strength") == "strong"]
+        mild = [r for r in mine if r.run.pathology.get("strength") != "strong"]
+        frac = lambda xs: f"{sum(x.detected for x in xs)}/{len(xs)}" if xs else "-"  # noqa: E731
+        false = sum(any(f.startswith(alert + " ") for f in r.false_alarms) for r in rs)
+        lines.append(f"| {alert} | {frac(strong)} | {frac(mild)} | {false} | {_delays(mine)} |")
+    healthy = [r for r in rs if r.expected is None]
+    noisy = [r for r in rs if r.false_alarms]
+    lines += ["", f"Healthy runs: {len(healthy)}; runs with a false warning or critical alarm: {len(noisy)}.", ""]
+    missed = [r for r in rs if r.expected and not r.detected]
+    if noisy or missed:
+        lines += ["| run | cadence | expected | result |", "| --- | --- | --- | --- |"]
+        for r in sorted({r.run.name: r for r in noisy + missed}.values(), key=lambda r: r.run.name):
+            what = []
+            if r.expected and not r.detected:
+                what.append("missed" if r.delay is None else f"late ({r.delay / 60:.0f} min > {r.target / 60:.0f})")
+            what += [f"false: {f}" for f in r.false_alarms]
+            lines.append(f"| {r.run.name} | {r.run.cadence()} | {r.expected or 'healthy'} | {'; '.join(what)} |")
+        lines.append("")
+    return lines
+
+
+def targets_met(results: List[Result], half: str) -> Dict[str, bool]:
+    """The corpus issue's targets on ``half``: strong all in time, mild at 80% or better, no false alarms."""
+    rs = [r for r in results if r.run.half == half]
+    strong = [r for r in rs if r.expected and r.run.pathology.get("strength") == "strong"]
+    mild = [r for r in rs if r.expected and r.run.pathology.get("strength") != "strong"]
+    return {"strong": all(r.detected for r in strong),
+            "mild": not mild or sum(r.detected for r in mild) >= 0.8 * len(mild),
+            "quiet": not any(r.false_alarms for r in rs)}
+
+
+def slowest_changes(t: Thresholds) -> List[str]:
+    """What each rule needs to see at the least, from the thresholds: the slowest change it detects."""
+    w = "windows."
+    smin, trend, slow, look = (t.number(w + "min_steps"), t.duration(w + "trend"), t.duration(w + "trend_slow"),
+                               t.duration(w + "lookback"))
+    dv, pl = t.number("alerts.TrainingDiverging.rise_sigmas"), t.number("alerts.TrainingPlateau.improvement_sigmas")
+    plw = t.seconds("alerts.TrainingPlateau.window")
+    sl = t.number("alerts.TrainingLossDecreasingSlowly.improvement_sigmas")
+    look_h, slow_h = t.seconds(w + "lookback") / 3600, t.seconds(w + "trend_slow") / 3600
+    ge = "alerts.TrainingGradientExplosion."
+    of = "alerts.TrainingOverfitting."
+    rows = [
+        ("TrainingLossNotFinite", "one NaN/Inf step", "one step"),
+        ("TrainingLossSpike", f"one step {num(t.number('alerts.TrainingLossSpike.sigmas'))} sigma above the smoothed "
+         "loss", "one step"),
+        ("TrainingGradientExplosion", f"one step's norm above {num(t.number(ge + 'factor'))}x the mean norm of "
+         f"{t.duration(w + 'baseline')}; or the mean norm x{num(t.number(ge + 'growth_factor'))} over {look}",
+         f"x{t.number(ge + 'growth_factor') ** (1 / look_h):.2f} per hour"),
+        ("TrainingDiverging", f"a rise of {num(dv)} sigma above the best of {look}, still rising over {trend}",
+         f"{dv / look_h:.2f} sigma per hour"),
+        ("TrainingOverfitting", f"val {num(100 * t.number(of + 'gap_widening'))}% of the gap above its best for "
+         f"{num(t.number(of + 'patience_evals'))} evaluations, train at its best",
+         f"{num(100 * t.number(of + 'gap_widening'))}% of the gap in {look}"),
+        ("TrainingPlateau", f"best loss improving less than {num(pl)} sigma per {t.duration('alerts.TrainingPlateau.window')}"
+         f" (per {slow} below {num(smin)} steps in it)",
+         f"progress under {pl * 3600 / plw:.2f} sigma per hour ({pl / slow_h:.3f} at slow step rates) is a plateau"),
+        ("TrainingLossDecreasingSlowly", f"best loss improving less than {num(sl)} sigma per plateau window",
+         f"{sl * 3600 / plw:.2f} sigma per hour"),
+    ]
+    lines = ["## The slowest change each rule detects", "",
+             "sigma: the run's own per-step standard deviation of the train loss over the trend window ("
+             f"{trend}, or {slow} when the run's mean step rate gives fewer than {num(smin)} steps per {trend}). Per step: "
+             "divide the per-hour "
+             "figure by the steps an hour.", "",
+             "| alert | fires on | slowest change detected |", "| --- | --- | --- |"]
+    lines += [f"| {a} | {what} | {slowest} |" for a, what, slowest in rows]
+    return lines + [""]
+
+
+def report(results: List[Result], title: str, command: str, t: Optional[Thresholds] = None) -> str:
+    runs = [r.run for r in results]
+    cadences = sorted({r.cadence() for r in runs})
+    lines = [f"# {title}", "", f"Regenerate with `{command}`.", "",
+             f"Corpus: {len(runs)} runs ({sum(r.twin is not None for r in runs)} with a same-named twin in another "
+             f"namespace), {len(cadences)} cadences. A strong pathology counts when its alert fires within the longer "
+             "of 3 evaluations and 30 minutes of its onset, a mild one when it fires before the run ends.", ""]
+    for half in ("tuning", "held-out"):
+        lines += table(results, half)
+        met = targets_met(results, half)
+        lines += [f"Targets on the {half} half: strong in time {'met' if met['strong'] else 'NOT met'}, mild at 80% "
+                  f"{'met' if met['mild'] else 'NOT met'}, no false alarm {'met' if met['quiet'] else 'NOT met'}.", ""]
+    lines += ["## Cadences", ""] + [f"- {c}" for c in cadences] + [""]
+    if t is not None:
+        lines += slowest_changes(t)
+    return "\n".join(lines)
+
+
+def rule_dir_from(thresholds: Path, tmp: Path) -> Path:
+    rulegen.write(thresholds, tmp)
+    return tmp
+
+
+def stats(results: List[Result]) -> Dict[str, float]:
+    """Numbers for a quick look: recall and false alarms per half."""
+    out = {}
+    for half in ("tuning", "held-out"):
+        rs = [r for r in results if r.run.half == half and r.expected]
+        out[half + " recall"] = statistics.mean(r.detected for r in rs) if rs else math.nan
+        out[half + " false"] = sum(bool(r.false_alarms) for r in results if r.run.half == half)
+    return out
+
+
+def main(corpus: Path, out: Optional[Path], thresholds: Optional[Path] = None, rule_dir: Optional[Path] = None,
+         half: Optional[str] = None, title: str = "Detection scorecard", command: str = "") -> int:
+    """Score the rules (generated from ``thresholds``, or the files in ``rule_dir``) on the corpus."""
+    import logging
+    logging.getLogger("exporter").setLevel(logging.WARNING)
+    runs = [r for r in load_corpus(corpus) if half is None or r.half == half]
+    with tempfile.TemporaryDirectory(prefix="scorecard-rules-") as tmp:
+        results = run_corpus(runs, rule_dir or rule_dir_from(thresholds, Path(tmp)))
+    text = report(results, title, command, None if rule_dir else Thresholds.load(thresholds))
+    if out is None:
+        print(text)
+    else:
+        Path(out).write_text(text)
+        print(f"wrote {out}")
+    return 0

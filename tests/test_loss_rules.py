@@ -1,0 +1,101 @@
+"""The loss diagnoses of issue 11, one class each, judged on runs the real exporter served (the corpus
+generator) and replayed through promtool against the committed rules."""
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from exporter.ops import scorecard
+from exporter.ops.simulate import Run, scrape_series
+from exporter.stack.servers import binary
+
+RULES = Path(__file__).resolve().parent.parent / "deploy" / "prometheus" / "rules"
+BASE = {"half": "tuning", "seed": 5, "rate": "1/min", "scrape": "60s", "eval": "100", "duration": "5h",
+        "loss": {"start": 3.0, "end": 1.0, "tau": "1h", "noise": 0.05}, "schedule": {"kind": "constant", "lr": 1e-3}}
+
+
+def spec(name, **over):
+    d = {**BASE, "name": name, **over}
+    return Run.from_dict(d)
+
+
+def shifted(loss, by):
+    return {**loss, "start": loss["start"] + by, "end": loss["end"] + by}
+
+
+DIVERGE = {"kind": "diverge", "strength": "strong", "at": "3h", "rise": 1.0, "over": "2h"}
+RUNS = [
+    # sign and offset: a negative loss that degrades from -3 to -1, and the same curve shifted by +5
+    spec("neg-diverge", loss={"start": -1.0, "end": -3.0, "tau": "1h", "noise": 0.05}, pathology=DIVERGE),
+    spec("pos-diverge", loss=shifted({"start": -1.0, "end": -3.0, "tau": "1h", "noise": 0.05}, 5), pathology=DIVERGE),
+    spec("zero-centred", loss={"start": 0.1, "end": 0.0, "tau": "1h", "noise": 4.0}),
+    # step rate: the same curve (in time) at one step a minute and one a second
+    spec("diverge-1s", rate="1/s", pathology=DIVERGE),
+    spec("cosine-1min", schedule={"kind": "cosine", "lr": 1e-3, "warmup": "20m"},
+         loss={"start": 3.0, "end": 1.0, "tau": "2h", "noise": 0.005}),
+    # overfitting against divergence: val rises while train falls, and both get worse
+    spec("overfit", eval="30", pathology={"kind": "overfit", "strength": "strong", "at": "3h", "rise": 0.3, "over": "2h"}),
+    # gradient bursts relative to the run's own norm: a healthy norm of 2e4, a burst x100 over a norm of 1
+    spec("bignorm", grad={"level": 2.0e4, "noise": 0.4}),
+    spec("burst", pathology={"kind": "explode", "strength": "strong", "at": "3h", "factor": 100, "burst": "3m"}),
+    spec("growth", pathology={"kind": "explode", "strength": "mild", "at": "2h", "factor": 100, "over": "3h"}),
+    # non-finite: a NaN before a restarted process's first scrape
+    spec("nan-restart", rate="1/s", duration="2h", scrape="60s", events={"restart": "1h"},
+         pathology={"kind": "nan", "strength": "mild", "at": "1h1m", "steps": 2}),
+]
+
+
+@pytest.fixture(scope="module")
+def results():
+    return {r.run.name: r for r in scorecard.run_corpus(RUNS, RULES)}
+
+
+def alerts(r):
+    return {a for (a, severity, _), _t in r.first.items() if severity != "info"}
+
+
+def test_verdict_does_not_change_with_the_sign_or_offset_of_the_loss(results):
+    neg, pos = results["neg-diverge"], results["pos-diverge"]
+    assert neg.detected and pos.detected
+    # The same alerts at the same times, within one rule evaluation (the sums differ in their last bits).
+    assert neg.first.keys() == pos.first.keys()
+    assert all(abs(neg.first[k] - pos.first[k]) <= scorecard.EVAL_INTERVAL for k in neg.first)
+    assert alerts(results["zero-centred"]) == set()
+
+
+def test_verdict_does_not_change_with_the_step_rate(results):
+    assert results["neg-diverge"].detected and results["diverge-1s"].detected
+    assert alerts(results["cosine-1min"]) == set()
+
+
+def test_overfitting_is_val_rising_while_train_falls_and_divergence_is_not_overfitting(results):
+    assert results["overfit"].detected and "TrainingDiverging" not in alerts(results["overfit"])
+    assert "TrainingOverfitting" not in alerts(results["pos-diverge"])
+
+
+def test_gradient_bursts_and_growth_are_judged_against_the_runs_own_norm(results):
+    assert alerts(results["bignorm"]) == set()
+    assert results["burst"].detected and results["growth"].detected
+
+
+def test_nan_before_a_new_process_first_scrape_fires(results):
+    assert results["nan-restart"].detected
+
+
+@pytest.mark.parametrize("schedule, cause", [({"kind": "constant", "lr": 1e-3}, "stuck"),
+                                             ({"kind": "cosine", "lr": 1e-3}, "converged")])
+def test_plateau_tells_stuck_from_converged_by_the_learning_rate(tmp_path, schedule, cause):
+    # Flat from 4h: at a constant learning rate the run is stuck; at the end of a cosine it has converged.
+    run = spec("flat", duration="8h", schedule=schedule, loss={"start": 3.0, "end": 1.0, "tau": "30m", "noise": 0.05},
+               pathology={"kind": "plateau", "strength": "strong", "at": "4h"})
+    inputs = scorecard._input(scrape_series(run), {"job": "training", "namespace": "ns-a"})
+    expr = 'count by (cause) (ALERTS{alertname="TrainingPlateau", alertstate="firing"})'
+    doc = {"rule_files": [str(p) for p in sorted(RULES.glob("*.rules.yml"))], "evaluation_interval": "30s",
+           "tests": [{"interval": "60s", "input_series": inputs,
+                      "promql_expr_test": [{"expr": expr, "eval_time": "8h",
+                                            "exp_samples": [{"labels": f'{{cause="{cause}"}}', "value": 1}]}]}]}
+    path = tmp_path / "plateau.yml"
+    path.write_text(yaml.safe_dump(doc, width=1 << 20))
+    result = subprocess.run([binary("promtool"), "test", "rules", str(path)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-2000:]
