@@ -13,6 +13,8 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
 MAX_VALUE = 120
 REDACTED = "<redacted>"
+# scheme://user:password@ : the scheme and user are kept, the password goes.
+_URL_PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^/@:\s]*:)[^/@\s]*@")
 
 _LABEL_NAME_BAD = re.compile(r"[^a-z0-9_]")
 _CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
@@ -32,6 +34,12 @@ def bounded(value: str, limit: int = MAX_VALUE) -> Tuple[str, bool]:
         return value, False
     digest = hashlib.sha1(value.encode("utf-8", "surrogatepass")).hexdigest()[:8]
     return value[:limit - 9] + "~" + digest, True
+
+
+def without_url_password(value: str) -> str:
+    """``value`` with the password of any URL in it (``postgresql://user:secret@host``) redacted: a database or
+    broker URL carries its credential in the value, whatever its key is called."""
+    return _URL_PASSWORD.sub(lambda m: f"{m.group(1)}{REDACTED}@", value)
 
 
 def looks_like_credential(key: str) -> bool:
@@ -91,7 +99,7 @@ class ConfigLabels:
             if name in labels:  # `lr` and `LR`, `a-b` and `a_b`: one label; the later key is dropped
                 cut += 1
                 continue
-            text, value_cut = bounded(REDACTED if self.redacts(key) else str(value))
+            text, value_cut = bounded(REDACTED if self.redacts(key) else without_url_password(str(value)))
             labels[name] = text
             cut += name_cut or value_cut
         return labels, cut

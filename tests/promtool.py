@@ -1,7 +1,6 @@
 """Helpers to write `promtool test rules` files from Python-built series and run them."""
 from __future__ import annotations
 
-import json
 import math
 import re
 import subprocess
@@ -19,7 +18,6 @@ from exporter.stack.servers import binary
 ROOT = Path(__file__).resolve().parent.parent
 THRESHOLDS = ROOT / "deploy" / "prometheus" / "thresholds.yaml"
 RULES_DIR = ROOT / "deploy" / "prometheus" / "rules"
-RECORDED = Path(__file__).resolve().parent / "data" / "recorded"
 _KEY = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?$")
 
 Series = Dict[str, List[Optional[float]]]
@@ -50,14 +48,6 @@ def selector(key: str, labels: Dict[str, str]) -> str:
 def input_series(series: Series, labels: Dict[str, str]) -> List[Dict[str, str]]:
     return [{"series": selector(key, labels), "values": " ".join(fmt(v) for v in values)}
             for key, values in series.items()]
-
-
-def load_recorded(name: str) -> Series:
-    data = json.loads((RECORDED / f"{name}.json").read_text())
-    series = {k: [float(v) if isinstance(v, str) else v for v in vs] for k, vs in data["series"].items()}
-    n = len(series["training_step"])
-    series.update(process_series(n))
-    return series
 
 
 def process_series(n: int, *, running: Iterable[float] = (), start: float = 0.0) -> Series:

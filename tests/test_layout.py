@@ -1,5 +1,6 @@
 """The package's split: the training-side library never imports the operator tooling or the local stack."""
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -33,3 +34,13 @@ def test_importing_the_exporter_loads_no_operator_module():
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert "exporter.core" in loaded
     assert [m for m in loaded if m.split(".")[1:2] and m.split(".")[1] in OPERATOR_SIDE] == []
+
+
+def test_the_simulated_clock_covers_every_training_side_module_that_reads_the_time():
+    """The corpus generator replaces ``time`` in the modules that read the wall clock; a module that starts to
+    read it must join that list, or its timestamps leave the simulated clock."""
+    source = (PACKAGE / "ops" / "simulate.py").read_text()
+    patched = set(re.search(r"modules = \(([^)]*)\)", source).group(1).replace(" ", "").split(","))
+    readers = {p.stem for p in training_side_modules()
+               if re.search(r"\btime\.(time|perf_counter)\(", p.read_text()) and p.stem != "server"}
+    assert readers == patched

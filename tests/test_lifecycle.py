@@ -148,13 +148,19 @@ def scrape(port):
 
 
 def test_sigterm_with_the_default_handler_publishes_interrupted_then_ends_the_process():
+    """The default action ends the process without atexit: the exporter waits for one scrape of "interrupted"
+    first, so Prometheus learns that the run ended and no target-down alert fires for a preempted job."""
     proc, port = start(after="finally:\n    print('not reached', flush=True)\n")
+    seen = []
     try:
         assert 'status="running"} 1.0' in scrape(port)
         proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)  # a scrape interval later, as Prometheus would come
+        seen.append(scrape(port))
         out, err = proc.communicate(timeout=60)
     finally:
         proc.kill()
+    assert 'status="interrupted"} 1.0' in seen[0]
     assert proc.returncode == -signal.SIGTERM, err  # the default action still ends the process
     assert "not reached" not in out
     assert "run 'preempted' rank 0 published status 'interrupted'" in err

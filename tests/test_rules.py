@@ -1,4 +1,4 @@
-"""The generated rules: up to date, valid, and right on real recorded runs and on hand-built pathologies.
+"""The generated rules: up to date, valid, named from the metric definitions, one alert per run.
 
 Every alert has a case where it fires with exact labels and annotations, a case where it has not fired yet
 (before its `for:`), and the quiet cases of the issue produce no warning or critical alert.

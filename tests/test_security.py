@@ -129,6 +129,15 @@ def test_credentials_in_config_are_redacted(make_exporter, registry):
         assert published[key] == labels.REDACTED, key
 
 
+def test_passwords_inside_urls_are_redacted_whatever_the_key(make_exporter, registry):
+    make_exporter(config={"db_url": "postgresql://admin:hunter2@db:5432/x", "broker": "redis://:pw@cache:6379/0",
+                          "data": "s3://bucket/train", "endpoint": "http://host:8080/v1"})
+    info = next(s for s in registry.collect() if s.name == "training_run_info").samples[0].labels
+    assert info["config_db_url"] == f"postgresql://admin:{labels.REDACTED}@db:5432/x"
+    assert info["config_broker"] == f"redis://:{labels.REDACTED}@cache:6379/0"
+    assert info["config_data"] == "s3://bucket/train" and info["config_endpoint"] == "http://host:8080/v1"
+
+
 def test_no_secret_reaches_the_exposition(make_exporter):
     exp = make_exporter(config={"api_token": "tok-SECRET", "nested": {"client_secret": "SECRET2"}})
     body = _get(f"http://127.0.0.1:{exp.port}/metrics")[1]

@@ -183,13 +183,16 @@ class _Clock:
 
 @contextlib.contextmanager
 def _simulated(clock: _Clock):
-    from .. import collector, core
-    saved = core.time, collector.time
-    core.time = collector.time = clock
+    from .. import collector, core, lifecycle
+    modules = (core, collector, lifecycle)  # every training-side module that reads the wall clock
+    saved = [m.time for m in modules]
+    for m in modules:
+        m.time = clock
     try:
         yield
     finally:
-        core.time, collector.time = saved
+        for m, original in zip(modules, saved):
+            m.time = original
 
 
 def _exposition(registry) -> Dict[str, float]:
