@@ -49,8 +49,8 @@ _DEFS = [
     Metric("training_run_status", "gauge", "1 for the run's current status, 0 for the others.", ("status",)),
     Metric("training_run_start_timestamp_seconds", "gauge", "Unix time the exporter of this process started."),
     # Per-step aggregates: what happens between two scrapes is not lost to sampling.
-    Metric("training_step_loss", "summary", "Finite train losses of every step (sum and count), so that rules "
-           "compute exact means between scrapes."),
+    Metric("training_step_loss", "summary", "Finite train losses of every step (sum and count). The sum falls "
+           "with negative losses: means between scrapes come from the sign-split counters."),
     Metric("training_loss_steps_total", "counter", "Optimizer steps whose train loss was finite (micro-batch "
            "losses folded into their optimizer step)."),
     Metric("training_loss_positive_sum_total", "counter", "Sum of max(loss, 0) over the steps of "

@@ -36,6 +36,9 @@ RUNS = [
          loss={"start": 3.0, "end": 1.0, "tau": "2h", "noise": 0.005}),
     # overfitting against divergence: val rises while train falls, and both get worse
     spec("overfit", eval="30", pathology={"kind": "overfit", "strength": "strong", "at": "3h", "rise": 0.3, "over": "2h"}),
+    # a converged run with a small gap and evaluations as noisy as an evaluation of a few batches is not overfitting
+    spec("noisy-evals", eval="30", loss={"start": 3.0, "end": 1.0, "tau": "30m", "noise": 0.05, "gap": 0.02,
+                                         "eval_noise": 0.015}),
     # gradient bursts relative to the run's own norm: a healthy norm of 2e4, a burst x100 over a norm of 1
     spec("bignorm", grad={"level": 2.0e4, "noise": 0.4}),
     spec("burst", pathology={"kind": "explode", "strength": "strong", "at": "3h", "factor": 100, "burst": "3m"}),
@@ -72,6 +75,10 @@ def test_verdict_does_not_change_with_the_step_rate(results):
 def test_overfitting_is_val_rising_while_train_falls_and_divergence_is_not_overfitting(results):
     assert results["overfit"].detected and "TrainingDiverging" not in alerts(results["overfit"])
     assert "TrainingOverfitting" not in alerts(results["pos-diverge"])
+
+
+def test_noisy_evaluations_of_a_converged_run_are_not_overfitting(results):
+    assert "TrainingOverfitting" not in alerts(results["noisy-evals"])
 
 
 def test_gradient_bursts_and_growth_are_judged_against_the_runs_own_norm(results):

@@ -207,6 +207,12 @@ def alerts(t: Thresholds) -> List[Alert]:
                 - ignoring (split) min_over_time(run:training_loss:smoothed[{lookback}]))
             )
             and on ({ids})
+            (
+              run:training_eval_loss:latest{{split="{split}"}} - run:training_eval_loss:best{{split="{split}"}}
+              > ignoring (split)
+              {num(t.number(of + "rise_noise"))} * run:training_loss:noise
+            )
+            and on ({ids})
             run:training_loss:smoothed
               <= min_over_time(run:training_loss:smoothed[{lookback}])
               + {num(t.number(of + "train_near_best_sigmas"))} * run:training_loss:noise""",
@@ -214,7 +220,7 @@ def alerts(t: Thresholds) -> List[Alert]:
          "Validation loss rises while training loss falls: overfitting.",
          "Run {{ $labels.run }}: " + split + " loss has not improved for {{ $value }} evaluations and stands above "
          "its best by more than " + num(100 * t.number(of + "gap_widening")) + "% of the generalization gap at "
-         "that best, while the train loss keeps at its lowest of the last " + lookback + "."),
+         "that best and beyond the run's noise, while the train loss keeps at its lowest of the last " + lookback + "."),
         ("TrainingPlateau", f"""
             (
             label_replace(
