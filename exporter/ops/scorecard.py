@@ -78,7 +78,7 @@ def _input(series: Series, labels: Dict[str, str]) -> List[Dict[str, str]]:
 def _first_firing(rng: float, at: float, gaps: Sequence[Tuple[float, float]]) -> Dict:
     """When each alert first fired in the ``rng`` seconds before ``at``. promtool keeps evaluating the rules
     through a simulated Prometheus outage, which a real Prometheus does not: firings inside a gap are left out."""
-    fired = 'timestamp(ALERTS{alertstate="firing"})'
+    fired = 'timestamp(ALERTS{alertstate="firing", run!=""})'  # alerts about a run: not the Watchdog
     for start, end in gaps:
         fired += f" unless on () ((vector(time()) >= {start:g}) < {end:g})"
     expr = (f"min by (alertname, severity, namespace) (min_over_time(({fired})"
