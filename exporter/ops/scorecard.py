@@ -226,9 +226,11 @@ def slowest_changes(t: Thresholds) -> List[str]:
          f"x{t.number(ge + 'growth_factor') ** (1 / look_h):.2f} per hour"),
         ("TrainingDiverging", f"a rise of {num(dv)} sigma above the best of {look}, still rising over {trend}",
          f"{dv / look_h:.2f} sigma per hour"),
-        ("TrainingOverfitting", f"val {num(100 * t.number(of + 'gap_widening'))}% of the gap above its best for "
+        ("TrainingOverfitting", f"val {num(100 * t.number(of + 'gap_widening'))}% of the gap and "
+         f"{num(t.number(of + 'rise_noise'))} sigma above its best for "
          f"{num(t.number(of + 'patience_evals'))} evaluations, train at its best",
-         f"{num(100 * t.number(of + 'gap_widening'))}% of the gap in {look}"),
+         f"the larger of {num(100 * t.number(of + 'gap_widening'))}% of the gap and "
+         f"{num(t.number(of + 'rise_noise'))} sigma in {look}"),
         ("TrainingPlateau", f"best loss improving less than {num(pl)} sigma per {t.duration('alerts.TrainingPlateau.window')}"
          f" (per {slow} below {num(smin)} steps in it)",
          f"progress under {pl * 3600 / plw:.2f} sigma per hour ({pl / slow_h:.3f} at slow step rates) is a plateau"),
