@@ -21,14 +21,14 @@ def _edit(data, key, value=None, delete=False):
 
 MALFORMED = [
     # (edit, the key and problem the one line must name)
-    (lambda d: _edit(d, "alerts.TrainingLossSpike.facter", 3), "unknown key 'alerts.TrainingLossSpike.facter'"),
+    (lambda d: _edit(d, "alerts.TrainingLossSpike.sigmaz", 3), "unknown key 'alerts.TrainingLossSpike.sigmaz'"),
     (lambda d: _edit(d, "aletrs", {}), "unknown key 'aletrs'"),
     (lambda d: _edit(d, "windows.trend", "30 minutes"), "windows.trend: '30 minutes' is not a Prometheus duration"),
     (lambda d: _edit(d, "alerts.TrainingHung.for", 15), "alerts.TrainingHung.for: 15 is not a Prometheus duration"),
     (lambda d: _edit(d, "alerts.TrainingGradientExplosion.factor", -10),
      "alerts.TrainingGradientExplosion.factor must be a positive number, got -10"),
-    (lambda d: _edit(d, "alerts.TrainingLossSpike.factor", "3"),
-     "alerts.TrainingLossSpike.factor must be a positive number, got '3'"),
+    (lambda d: _edit(d, "alerts.TrainingLossSpike.sigmas", "3"),
+     "alerts.TrainingLossSpike.sigmas must be a positive number, got '3'"),
     (lambda d: _edit(d, "windows", None, delete=True), "missing key 'windows'"),
     (lambda d: _edit(d, "alerts.TrainingHung", None, delete=True), "missing key 'alerts.TrainingHung'"),
     (lambda d: _edit(d, "alerts", ["TrainingHung"]), "alerts must be a section"),

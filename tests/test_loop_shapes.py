@@ -73,8 +73,11 @@ class Row:
     exp: TrainingExporter = None
 
     def __post_init__(self):
+        # The scrapes are replayed a minute apart, but the run takes a second or two: a windowed maximum of
+        # real seconds would hold the run's first (largest) losses in every replayed scrape, a spike that never
+        # happened. A window of a millisecond keeps about the steps since the previous scrape, as a minute would.
         self.exp = TrainingExporter(run=self.name, port=0, addr="127.0.0.1", registry=self.registry,
-                                    max_window=90.0)
+                                    max_window=0.001)
 
     def logged(self, i: int, loss: torch.Tensor) -> torch.Tensor:
         """The loss the loop logs at iteration ``i``: NaN once in the injected variant."""
