@@ -127,7 +127,7 @@ class TrainingExporter:
         self.addr = addr
         log.info("serving metrics of run %r rank %d on %s://%s:%d/metrics", self.run, self.rank, self._server.scheme,
                  addr, self.port)
-        self._lifecycle = Lifecycle(self.state, registry, self._end_by_signal, handle_sigterm)
+        self._lifecycle = Lifecycle(self.state, registry, self.close, handle_sigterm)
 
     # ----------------------------------------------------------------------------------------------- hooks
     def watch(self, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer] = None, *,
@@ -280,13 +280,6 @@ class TrainingExporter:
         if stop_server and self._server is not None:
             self._server.stop()
             self._server = None
-
-    def _end_by_signal(self, status: str) -> None:
-        """SIGTERM whose default action ends the process right after, without running atexit: close, then wait
-        (at most ``close_timeout``) for the scrape that tells Prometheus the run ended."""
-        self.close(status)
-        if self._server is not None:
-            self._server.wait_final_scrape(self._close_timeout)
 
     def __enter__(self) -> "TrainingExporter":
         return self

@@ -18,6 +18,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from .metrics import BASE_LABELS, METRICS
+from .server import wait_final_scrapes
 
 log = logging.getLogger("exporter")
 
@@ -34,8 +35,9 @@ class Phases(Collector):
     returns a context manager that switches back to the phase before it, whose clock then starts again.
     """
 
-    def __init__(self, base: tuple) -> None:
+    def __init__(self, base: tuple, dropped: Callable[[], None]) -> None:
         self._base = base
+        self._dropped = dropped  # counts a name published as "other" in training_exporter_dropped_total
         self._lock = threading.Lock()
         self._known = {STARTUP, TRAIN}
         self.name = STARTUP
@@ -51,6 +53,7 @@ class Phases(Collector):
                     log.warning("training exporter: more than %d phase names; %r is published as 'other'",
                                 MAX_PHASES, name)
                     name = "other"
+                    self._dropped()
                 else:
                     self._known.add(name)
             previous = self.name
@@ -98,8 +101,8 @@ class SigtermHandler:
     """On SIGTERM, publishes that the run was interrupted, then hands the signal to the handler installed
     before (torchrun's, Slurm tooling's, the default that ends the process), so their behaviour is unchanged.
 
-    ``interrupt(final)`` publishes; ``final`` is true when the previous handler is the default one, which ends
-    the process right after, so the exporter closes (and lets Prometheus scrape the end) first.
+    ``interrupt(final)`` closes the run as interrupted; ``final`` is true when the previous handler is the
+    default one, which ends the process right after, so the exporter lets Prometheus scrape the end first.
     """
 
     def __init__(self, interrupt: Callable[[bool], None]) -> None:
@@ -167,7 +170,7 @@ class Lifecycle:
                  handle_sigterm: bool) -> None:
         self._state = state
         self._close = close
-        self.phases = Phases(state.base)
+        self.phases = Phases(state.base, self._dropped_phase)
         registry.register(self.phases)
         self._sigterm = SigtermHandler(self._interrupted)
         if handle_sigterm:
@@ -190,12 +193,20 @@ class Lifecycle:
         """The exception SIGTERM's previous handler raised, if any."""
         return self._sigterm.forwarded
 
+    def _dropped_phase(self) -> None:
+        with self._state.lock:
+            self._state.dropped["phase"] += 1
+
     def _interrupted(self, final: bool) -> None:
+        """The run ends here, whatever the previous handler does next: when it returns and the loop goes on
+        (a checkpoint-and-requeue handler), the steps it still logs change nothing that was published."""
         with self._state.lock:
             if self._state.status != "running":
                 return
-            self._state.status = "interrupted"
+        self._close("interrupted")
         log.warning("training exporter: SIGTERM received; run %r rank %s published status 'interrupted'",
                     *self._state.base)
         if final:
-            self._close("interrupted")
+            # The default action ends the process right after, without atexit: wait here (each exporter at
+            # most its close_timeout, all together) for the scrapes that tell Prometheus the runs ended.
+            wait_final_scrapes()

@@ -11,7 +11,7 @@ BASE_LABELS = ("run", "rank")
 
 # Values of the labels of the exporter's own health counters; they exist at 0 from the start.
 ERROR_SITES = ("hook", "reader", "collect", "log")
-DROP_KINDS = ("config", "eval", "layer")
+DROP_KINDS = ("config", "eval", "layer", "phase")
 RUN_STATUSES = ("running", "completed", "failed", "interrupted")
 
 

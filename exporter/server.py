@@ -25,7 +25,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
@@ -168,8 +168,18 @@ class _Source:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
         self.closed = False
-        self.retired = False  # a newer exporter took the port over: serve until scraped once more, then drop
-        self.scrapes = 0
+        self.retired = False  # a newer exporter took the port over: serve until its final state was scraped, then drop
+        # The run's end counts as scraped only by a scrape that began after close(): one in flight at that moment
+        # may carry the state from before, and must neither end the wait at exit nor drop a retired source.
+        self.closed_ticket: Optional[int] = None
+        self.final_scraped = False
+
+
+class _Served(NamedTuple):
+    """What one scrape served: its ticket (scrapes begun before it, plus one) and the sources it carried."""
+
+    ticket: int
+    sources: List[_Source]
 
 
 class _Merged:
@@ -306,6 +316,7 @@ class MetricsServer:
         self.pid = os.getpid()
         self._lock = threading.Condition()
         self._sources: List[_Source] = []
+        self._tickets = 0  # scrapes begun
         try:
             self._httpd = _Listener((addr, port), self)
         except OSError as exc:
@@ -324,28 +335,37 @@ class MetricsServer:
                                         daemon=True)
         self._thread.start()
 
-    def exposition(self, accept: Optional[str]) -> Tuple[bytes, str, List[_Source]]:
-        """The body of one scrape, its content type, and the sources it served."""
+    def exposition(self, accept: Optional[str]) -> Tuple[bytes, str, "_Served"]:
+        """The body of one scrape, its content type, and what it served (for ``scraped``)."""
         with self._lock:
-            sources = list(self._sources)
+            self._tickets += 1
+            served = _Served(self._tickets, list(self._sources))
         encoder, content_type = choose_encoder(accept or "")
+        sources = served.sources
         registry = sources[0].registry if len(sources) == 1 else _Merged(sources)
-        return encoder(registry), content_type, sources
+        return encoder(registry), content_type, served
 
-    def scraped(self, sources: List[_Source]) -> None:
-        """A response carrying ``sources`` went out whole: retired sources have been seen, and are dropped."""
+    def close_source(self, source: _Source) -> None:
+        """``source``'s run ended: only scrapes that begin from now on carry its final state."""
         with self._lock:
-            for source in sources:
-                source.scrapes += 1
-                if source.retired and source in self._sources:
-                    self._sources.remove(source)
+            source.closed = True
+            source.closed_ticket = self._tickets
+
+    def scraped(self, served: "_Served") -> None:
+        """A response went out whole: the closed sources it began after have had their final scrape, and the
+        retired ones among them are dropped."""
+        with self._lock:
+            for source in served.sources:
+                if source.closed_ticket is not None and served.ticket > source.closed_ticket:
+                    source.final_scraped = True
+                    if source.retired and source in self._sources:
+                        self._sources.remove(source)
             self._lock.notify_all()
 
-    def wait_scraped(self, source: _Source, after: int, timeout: float) -> bool:
-        """Wait up to ``timeout`` seconds for a scrape of ``source`` beyond its first ``after``."""
-        deadline = time.monotonic() + timeout
+    def wait_final_scrape(self, source: _Source, deadline: float) -> bool:
+        """Wait until ``source``'s final state has been scraped, or the ``time.monotonic()`` deadline passes."""
         with self._lock:
-            while source.scrapes <= after and source in self._sources:
+            while not source.final_scraped and source in self._sources:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
@@ -360,7 +380,7 @@ class MetricsServer:
 
 
 _SERVERS: Dict[Tuple[str, int], MetricsServer] = {}  # every running server by address and port
-_LOCK = threading.Lock()
+_LOCK = threading.RLock()  # reentrant: a SIGTERM handler closing an exporter may interrupt its holder
 
 
 class Endpoint:
@@ -371,26 +391,27 @@ class Endpoint:
         self._source = source
         self.port = server.port
         self.scheme = server.scheme
-        self._closed_at: Optional[int] = None
+        self._closed = False
 
     def close(self, timeout: float) -> None:
         """The run ended: keep serving, and at exit wait up to ``timeout`` s for one scrape of the final state."""
-        with self.server._lock:
-            self._source.closed = True
-            self._closed_at = self._source.scrapes
+        self.server.close_source(self._source)
+        self._closed = True
         if timeout > 0:
-            atexit.register(self.wait_final_scrape, timeout)
+            with _LOCK:
+                _FINAL[self] = timeout
 
     def wait_final_scrape(self, timeout: float) -> bool:
         """Wait up to ``timeout`` s for a scrape after ``close()``; returns at once if one already happened."""
-        if self._closed_at is None or os.getpid() != self.server.pid:
+        if not self._closed or os.getpid() != self.server.pid:
             return False
-        return self.server.wait_scraped(self._source, self._closed_at, timeout)
+        return self.server.wait_final_scrape(self._source, time.monotonic() + timeout)
 
     def stop(self) -> None:
         """Stop serving this exporter's registry; the server stops with its last registry."""
-        atexit.unregister(self.wait_final_scrape)
         server = self.server
+        with _LOCK:
+            _FINAL.pop(self, None)
         with server._lock:
             if self._source in server._sources:
                 server._sources.remove(self._source)
@@ -402,6 +423,24 @@ class Endpoint:
                     if value is server:
                         del _SERVERS[key]
             server.stop()
+
+
+_FINAL: Dict[Endpoint, float] = {}  # closed endpoints of this process and how long each waits for its final scrape
+
+
+@atexit.register
+def wait_final_scrapes() -> bool:
+    """Wait for the final scrape of every closed exporter of this process, all at once: each at most its own
+    ``close_timeout`` from now, so several exporters cost the longest of their timeouts, not the sum.
+    True when every one was scraped."""
+    start = time.monotonic()
+    with _LOCK:
+        waiting = list(_FINAL.items())
+    done = True
+    for endpoint, timeout in waiting:
+        if endpoint._closed and os.getpid() == endpoint.server.pid:
+            done = endpoint.server.wait_final_scrape(endpoint._source, start + timeout) and done
+    return done
 
 
 def serve(registry: CollectorRegistry, port: int, addr: str, web_config: Optional[str] = None) -> Endpoint:

@@ -68,9 +68,13 @@ def test_phase_names_are_checked_and_bounded(make_exporter, registry, caplog):
             exp.phase(bad)
     for i in range(MAX_PHASES - 2):  # startup and train are known from the start
         exp.phase(f"p{i}")
+    assert value(registry, "training_exporter_dropped_total", kind="phase") == 0
     exp.phase("one_too_many")
     assert phase_of(registry)[0] == "other"
     assert "one_too_many" in caplog.text
+    exp.phase("p0")  # a known name is never dropped
+    exp.phase("two_too_many")
+    assert value(registry, "training_exporter_dropped_total", kind="phase") == 2
     exp.close()
     with exp.phase("eval"):  # after close(): a no-op, warned about, never an error in the training loop
         pass
@@ -192,6 +196,36 @@ def test_sigterm_runs_the_previous_python_handler_and_training_may_go_on():
     assert out.strip() == "final interrupted", out + err
 
 
+def test_sigterm_with_a_python_handler_that_returns_freezes_the_run_as_interrupted():
+    """A handler that only takes note (the loop goes on to a checkpoint of its own choosing): the run ended at
+    the signal, so the steps the loop still logs change neither the step counter nor the status."""
+    proc, port = start(before="""
+        def note(signum, frame):
+            print("previous handler ran", flush=True)
+        signal.signal(signal.SIGTERM, note)
+        threading.Thread(target=lambda: (sys.stdin.readline(), stop.set()), daemon=True).start()
+        """, after="""
+        finally:
+            print("final", exp.state.status, exp.state.step, flush=True)
+        """)
+    try:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.stdout.readline().strip() == "previous handler ran"
+        first = scrape(port)
+        time.sleep(0.5)  # about 50 more iterations of the loop
+        later = scrape(port)
+        out, err = proc.communicate("stop\n", timeout=60)
+    finally:
+        proc.kill()
+    step = re.search(r'training_step\{rank="0",run="preempted"\} (\S+)', first).group(1)
+    assert f'training_step{{rank="0",run="preempted"}} {step}' in later
+    for body in (first, later):
+        assert 'training_run_status{rank="0",run="preempted",status="interrupted"} 1.0' in body
+    assert proc.returncode == 0, err
+    assert "log_step() called after close()" in err  # the loop did go on logging
+    assert out.splitlines()[-1] == f"final interrupted {int(float(step))}", out + err
+
+
 @pytest.mark.parametrize("pause", [0.01, 0], ids=["sleeping-loop", "busy-loop"])
 def test_sigterm_with_torchruns_handler_raises_its_exception_and_publishes_interrupted(pause):
     """torchrun's agent installs a handler that raises SignalException in the main thread; it still does, and
@@ -212,6 +246,24 @@ def test_sigterm_with_torchruns_handler_raises_its_exception_and_publishes_inter
         proc.kill()
     assert proc.returncode == 0, err
     assert out.splitlines()[-2:] == ["raised SignalException SIGTERM", "final interrupted"], out + err
+
+
+def test_exporters_of_one_process_wait_for_their_final_scrapes_together():
+    """Three runs of a sweep closed, none scraped: the process waits the longest close_timeout once, not one
+    close_timeout after another."""
+    code = ("import time\nfrom exporter import TrainingExporter\n"
+            "runs = [TrainingExporter(run=f'r{i}', port=0, addr='127.0.0.1', close_timeout=3, handle_sigterm=False)"
+            " for i in range(3)]\n"
+            "[r.close() for r in runs]\nprint('closed', time.monotonic(), flush=True)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        proc.stdout.readline()
+        closed = time.monotonic()
+        assert proc.wait(timeout=60) == 0
+        waited = time.monotonic() - closed
+    finally:
+        proc.kill()
+    assert 2.9 <= waited < 6.5  # one after another would be 9 s
 
 
 WORKER = """
@@ -245,3 +297,51 @@ def test_torchrun_stopping_its_workers_reaches_every_rank(tmp_path):
     published = re.findall(r"run '([^']+)' rank (\d) published status 'interrupted'", err)
     assert sorted(rank for _, rank in published) == ["0", "1"], err
     assert len({run for run, _ in published}) == 1  # both ranks under torchrun's one run id
+
+
+# ------------------------------------------------------------------------------------------- port takeover
+COMPLETED = re.compile(r'training_run_status\{rank="0",run="(sweep-\d+)",status="completed"\} 1\.0')
+
+
+def test_port_takeover_under_continuous_scrapes_serves_every_closed_runs_final_state():
+    """A sweep in one process: each run closes and the next takes its port over while scrapes are in flight
+    (as Prometheus's would be). Every run's "completed" must reach a scraper: a scrape that began before a run
+    closed carries its state from before, and must not count as the final scrape that retires it."""
+    from prometheus_client import CollectorRegistry
+
+    runs, seen, stop = 40, set(), threading.Event()
+    first = TrainingExporter(run="sweep-0", port=0, addr="127.0.0.1", registry=CollectorRegistry(),
+                             close_timeout=0, handle_sigterm=False)
+    port, exporters = first.port, [first]
+
+    def scraper():
+        while not stop.is_set():
+            try:
+                seen.update(COMPLETED.findall(scrape(port)))
+            except OSError:
+                pass
+
+    threads = [threading.Thread(target=scraper, daemon=True) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    try:
+        for i in range(runs):
+            exp = exporters[-1]
+            for _ in range(20):
+                exp.log_step(loss=1.0)
+            time.sleep(0.01)
+            exp.close()
+            if i + 1 < runs:
+                exporters.append(TrainingExporter(run=f"sweep-{i + 1}", port=port, addr="127.0.0.1",
+                                                  registry=CollectorRegistry(), close_timeout=0,
+                                                  handle_sigterm=False))
+        deadline = time.monotonic() + 10
+        while len(seen) < runs and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=30)
+        for exp in exporters:
+            exp.close(stop_server=True)
+    assert sorted(set(f"sweep-{i}" for i in range(runs)) - seen) == []
