@@ -18,13 +18,13 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import yaml
 
 from . import rules as rulegen
 from .rules import num
-from .simulate import Run, Series, _seconds, scrape_series
+from .simulate import Run, Series, Targets, _seconds, lifecycle_series, scrape_series
 from .thresholds import Thresholds
 
 ALERT_OF = {"nan": "TrainingLossNotFinite", "explode": "TrainingGradientExplosion", "spike": "TrainingLossSpike",
@@ -75,13 +75,14 @@ def _input(series: Series, labels: Dict[str, str]) -> List[Dict[str, str]]:
     return out
 
 
-def _first_firing(rng: float, at: float, gaps: Sequence[Tuple[float, float]]) -> Dict:
+def _first_firing(rng: float, at: float, gaps: Sequence[Tuple[float, float]],
+                  by: str = "alertname, severity, namespace") -> Dict:
     """When each alert first fired in the ``rng`` seconds before ``at``. promtool keeps evaluating the rules
     through a simulated Prometheus outage, which a real Prometheus does not: firings inside a gap are left out."""
     fired = 'timestamp(ALERTS{alertstate="firing", run!=""})'  # alerts about a run: not the Watchdog
     for start, end in gaps:
         fired += f" unless on () ((vector(time()) >= {start:g}) < {end:g})"
-    expr = (f"min by (alertname, severity, namespace) (min_over_time(({fired})"
+    expr = (f"min by ({by}) (min_over_time(({fired})"
             f"[{int(rng)}s:{EVAL_INTERVAL}s]))")
     return {"expr": expr, "eval_time": f"{int(at)}s", "exp_samples": []}
 
@@ -280,15 +281,176 @@ def stats(results: List[Result]) -> Dict[str, float]:
     return out
 
 
+# --------------------------------------------------------------------------------------------- lifecycle rows
+Firing = Dict[Tuple[str, str, str, str], float]  # (alert, severity, namespace, run) -> first firing (s)
+_BY_RUN = "alertname, severity, namespace, run"
+
+
+@dataclass
+class LifecycleResult:
+    """How the rules did on one lifecycle row (a crash, a preemption, a resumption, a long checkpoint, ...)."""
+
+    run: Run
+    fired: Firing  # over the whole row
+    after_return: Firing  # from the run's return on (rows with ``resume``)
+    at_end: Firing  # in the last rule evaluation
+    problems: List[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def load_lifecycle(path: Path) -> List[Run]:
+    """The corpus's lifecycle rows (its ``lifecycle:`` section)."""
+    return [Run.from_dict(d) for d in yaml.safe_load(Path(path).read_text()).get("lifecycle") or []]
+
+
+def _returned(run: Run) -> Optional[float]:
+    """When the run is back after its process ended (the first scrape of the resumed process), or None."""
+    ev = run.events
+    if "resume" not in ev:
+        return None
+    ended = next(_seconds(ev[k]) for k in ("crash", "preempt", "preempt_unscraped", "finish") if k in ev)
+    back = ended + _seconds(ev["resume"]["after"])
+    return math.ceil(back / run.scrape) * run.scrape
+
+
+def _stale_input(targets: Targets, labels: Dict[str, str]) -> List[Dict[str, str]]:
+    """promtool input for each target: a series that leaves the exposition, or whose target stops answering,
+    gets a stale marker, as a real Prometheus writes one (nothing while Prometheus itself is down)."""
+    out = []
+    for instance, series in targets.items():
+        up = series["up{}"]
+        for item in _input(series, {**labels, "instance": instance}):
+            values = item["values"].split()
+            for k in range(1, len(values)):
+                if values[k] == "_" and values[k - 1] not in ("_", "stale") and up[k] is not None:
+                    values[k] = "stale"
+            out.append({"series": item["series"], "values": " ".join(values)})
+    return out
+
+
+def _promtool_firing(name: str, inputs: List[Dict[str, str]], interval: float, ranges: Sequence[float],
+                     at: float, rule_dir: Path) -> Dict[int, Firing]:
+    """For each range (seconds before ``at``), when each alert about a run first fired in it, per run."""
+    doc = {"rule_files": sorted(str(p.resolve()) for p in Path(rule_dir).glob("*.rules.yml")), "evaluation_interval": f"{EVAL_INTERVAL}s",
+           "tests": [{"name": name, "interval": f"{int(interval)}s", "input_series": inputs,
+                      "promql_expr_test": [_first_firing(rng, at, [], _BY_RUN) for rng in ranges]}]}
+    with tempfile.TemporaryDirectory(prefix="scorecard-") as tmp:
+        path = Path(tmp) / "replay.yml"
+        path.write_text(yaml.safe_dump(doc, sort_keys=False, width=1 << 20))
+        proc = subprocess.run([shutil.which("promtool") or "promtool", "test", "rules", str(path)],
+                              capture_output=True, text=True)
+    text = proc.stdout + proc.stderr
+    if proc.returncode != 0 and "got:" not in text:
+        raise RuntimeError(f"promtool failed on {name}:\n{text[-3000:]}")
+    out: Dict[int, Firing] = {int(rng): {} for rng in ranges}
+    for rng, got in re.findall(rf"\[(\d+)s:{EVAL_INTERVAL}s\]\)\)[^\n]*\n(.*?)(?=expr:|\Z)", text, re.S):
+        got = got.split("got:", 1)[1] if "got:" in got else ""
+        for inner, value in _GOT.findall(got):
+            lab = dict(re.findall(r'(\w+)="([^"]*)"', inner))
+            out[int(rng)][(lab["alertname"], lab.get("severity", ""), lab.get("namespace", ""),
+                           lab.get("run", ""))] = float(value)
+    return out
+
+
+def replay_lifecycle(run: Run, rule_dir: Path) -> LifecycleResult:
+    """Generate a lifecycle row (every process of it, and its healthy twin), replay it through promtool against
+    ``rule_dir``, and judge it against the row's ``expect``."""
+    labels = {"job": "training"}
+    inputs = _stale_input(lifecycle_series(run), {**labels, "namespace": run.namespace})
+    if run.twin:
+        inputs += _stale_input(lifecycle_series(run, events=False), {**labels, "namespace": run.twin["namespace"]})
+    end = (int(run.duration // run.scrape) + 1) * run.scrape
+    back = _returned(run)
+    # From the return on, one scrape and one rule evaluation later: the alert of the absence has resolved.
+    quiet = None if back is None else end - (back + run.scrape + EVAL_INTERVAL)
+    ranges = [end, EVAL_INTERVAL] + ([quiet] if quiet else [])
+    got = _promtool_firing(run.name, inputs, run.scrape, ranges, end, rule_dir)
+    r = LifecycleResult(run, got[int(end)], got[int(quiet)] if quiet else {}, got[EVAL_INTERVAL])
+    return judge(r)
+
+
+def judge(r: LifecycleResult) -> LifecycleResult:
+    """The row's verdict: every expected alert fired for this run in its namespace, no other warning or
+    critical alert fired for any run, nothing fired after the run returned, and a run that vanished for good
+    is still alerted at the end (its alert does not resolve by itself)."""
+    run = r.run
+    mine = lambda key: key[0] in run.expect and key[2] == run.namespace and key[3] == run.name  # noqa: E731
+    for alert in run.expect:
+        if not any(mine(key) and key[0] == alert for key in r.fired):
+            r.problems.append(f"{alert} did not fire")
+    for key, at in sorted(r.fired.items(), key=lambda kv: kv[1]):
+        if key[1] != "info" and not mine(key):
+            r.problems.append(f"unexpected {_name(key)} at {at / 60:.0f} min")
+    for key, at in r.after_return.items():
+        if key[1] != "info":
+            r.problems.append(f"{_name(key)} still firing at {at / 60:.0f} min, after the run returned")
+    vanished = any(k in run.events for k in ("crash", "preempt_unscraped")) and "resume" not in run.events
+    if vanished:
+        for alert in run.expect:
+            if not any(mine(key) and key[0] == alert for key in r.at_end):
+                r.problems.append(f"{alert} resolved before the end although the run never returned")
+    return r
+
+
+def _name(key: Tuple[str, str, str, str]) -> str:
+    alert, severity, namespace, run = key
+    return f"{alert} ({severity}, {namespace}, {run})"
+
+
+def run_lifecycle(runs: Sequence[Run], rule_dir: Path, workers: int = 2) -> List[LifecycleResult]:
+    with concurrent.futures.ProcessPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(replay_lifecycle, runs, [rule_dir] * len(runs)))
+
+
+def _events(run: Run) -> str:
+    parts = []
+    for kind, value in run.events.items():
+        if isinstance(value, Mapping):
+            value = ", ".join(f"{k} {v}" for k, v in value.items())
+        elif isinstance(value, list):
+            value = " for ".join(map(str, value))
+        parts.append(f"{kind} {value}")
+    if run.twin:
+        parts.append(f"same name, healthy, in {run.twin['namespace']}")
+    return "; ".join(parts)
+
+
+def lifecycle_table(results: List[LifecycleResult]) -> List[str]:
+    """The lifecycle rows: what happened, what each row expects, what fired, and the verdict."""
+    lines = ["## Lifecycle rows", "",
+             "Each row drives the real exporter through the lifecycle of its run (processes that crash, are "
+             "preempted, finish, resume on another node, or whose node and port another run reuses) and replays "
+             "every target through promtool, with the stale markers a real Prometheus writes. A row passes when "
+             "its expected alerts fire for its run, no other warning or critical alert fires, nothing fires after "
+             "the run returned, and a run that never returned is still alerted at the end.", "",
+             "| row | cadence | events | expected | alerts fired (first, minutes) | verdict |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for r in sorted(results, key=lambda r: (r.run.half != "tuning", r.run.name)):
+        fired = "; ".join(f"{_name(k)} at {at / 60:.0f}" for k, at in sorted(r.fired.items(), key=lambda kv: kv[1]))
+        verdict = "pass" if r.ok else "FAIL: " + "; ".join(r.problems)
+        lines.append(f"| {r.run.name} | {r.run.cadence()} | {_events(r.run)} | "
+                     f"{', '.join(r.run.expect) or 'nothing'} | {fired or 'none'} | {verdict} |")
+    passed = sum(r.ok for r in results)
+    return lines + ["", f"Lifecycle rows passed: {passed}/{len(results)}.", ""]
+
+
 def main(corpus: Path, out: Optional[Path], thresholds: Optional[Path] = None, rule_dir: Optional[Path] = None,
          half: Optional[str] = None, title: str = "Detection scorecard", command: str = "") -> int:
     """Score the rules (generated from ``thresholds``, or the files in ``rule_dir``) on the corpus."""
     import logging
     logging.getLogger("exporter").setLevel(logging.WARNING)
     runs = [r for r in load_corpus(corpus) if half is None or r.half == half]
+    rows = [r for r in load_lifecycle(corpus) if half is None or r.half == half]
     with tempfile.TemporaryDirectory(prefix="scorecard-rules-") as tmp:
-        results = run_corpus(runs, rule_dir or rule_dir_from(thresholds, Path(tmp)))
+        rules = rule_dir or rule_dir_from(thresholds, Path(tmp))
+        results = run_corpus(runs, rules)
+        lifecycle = run_lifecycle(rows, rules)
     text = report(results, title, command, None if rule_dir else Thresholds.load(thresholds))
+    if lifecycle:
+        text += "\n" + "\n".join(lifecycle_table(lifecycle))
     if out is None:
         print(text)
     else:

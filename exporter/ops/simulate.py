@@ -11,7 +11,7 @@ import contextlib
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 
@@ -45,6 +45,7 @@ class Run:
     events: Mapping[str, Any] = field(default_factory=dict)
     namespace: str = "ns-a"
     twin: Optional[Mapping[str, Any]] = None  # a second run with the same name in another namespace
+    expect: Tuple[str, ...] = ()  # a lifecycle row's alerts: each must fire for this run, no other may
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Run":
@@ -57,7 +58,7 @@ class Run:
                    scrape=_seconds(d["scrape"]), duration=_seconds(d["duration"]), eval_steps=steps,
                    eval_seconds=None if steps else _seconds(every), loss=d.get("loss", {}), grad=d.get("grad", {}),
                    schedule=d.get("schedule", {}), pathology=d.get("pathology"), events=d.get("events", {}),
-                   namespace=d.get("namespace", "ns-a"), twin=d.get("twin"))
+                   namespace=d.get("namespace", "ns-a"), twin=d.get("twin"), expect=tuple(d.get("expect", ())))
 
     @property
     def onset(self) -> Optional[float]:
@@ -271,3 +272,148 @@ def scrape_series(run: Run, name: Optional[str] = None, pathology: bool = True) 
     # `up` is Prometheus's own: 1 while the target answers, 0 when it does not, nothing while Prometheus is down.
     series["up{}"] = [None if row is None else float(bool(row)) for row in rows]
     return series
+
+
+# ------------------------------------------------------------------------------------------ lifecycle rows
+INSTANCE = "node-1:9945"
+Targets = Dict[str, Series]  # what Prometheus scraped from each target (instance) of a lifecycle row
+
+
+@dataclass
+class _Process:
+    """One training process of a lifecycle row, alive on ``instance`` from ``start`` until it ends ``how``."""
+
+    instance: str
+    run: str
+    start: float
+    first_step: float
+    end: float = math.inf
+    how: str = ""  # crash, preempt (scraped once more), preempt_unscraped, finish (scraped once more)
+    exp: Any = None
+    gone: bool = False
+    final_scrape: bool = False
+
+
+def _processes(run: Run) -> List[_Process]:
+    """The processes a lifecycle row's events describe (see ``lifecycle_series``)."""
+    ev = run.events
+    first = _Process(INSTANCE, run.name, 0.0, _seconds(ev.get("startup", 0)))
+    for how in ("crash", "preempt", "preempt_unscraped", "finish"):
+        if how in ev:
+            first.end, first.how = _seconds(ev[how]), how
+    out = [first]
+    if "resume" in ev:
+        r = ev["resume"]
+        start = first.end + _seconds(r["after"])
+        out.append(_Process(r.get("instance", INSTANCE), run.name, start, start + _seconds(r.get("startup", "2m"))))
+    if "reuse" in ev:
+        r = ev["reuse"]
+        start = first.end + _seconds(r["after"])
+        out.append(_Process(INSTANCE, r["run"], start, start + _seconds(r.get("startup", "1m"))))
+    return out
+
+
+@contextlib.contextmanager
+def _sigterm_returns():
+    """SIGTERM handled by a Python handler that returns (a scheduler tool's): the exporter's own handler, chained
+    before it, publishes the interruption and the generator goes on."""
+    import signal
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def lifecycle_series(run: Run, events: bool = True) -> Targets:
+    """What Prometheus scrapes from every target of a lifecycle row: each process the real exporter on the
+    simulated clock, a target answering ``{}`` (down) once its process is gone, nothing before its first.
+
+    Events (times from the run's start): ``startup: 25m`` (the first step comes that long after the exporter
+    started), ``checkpoint: [at, lasts]`` (no step for ``lasts``, inside ``exp.phase("checkpoint")``),
+    ``crash: at`` (the process dies: nothing more is served), ``preempt: at`` (a real SIGTERM: the exporter
+    publishes "interrupted", a scrape reads it, the process exits), ``preempt_unscraped: at`` (the process is
+    killed before any scrape read it), ``finish: at`` (closed as completed, scraped once, exits),
+    ``resume: {after, instance, startup}`` (the run comes back that long after its process ended, on
+    ``instance``, at the global step it reached), ``reuse: {after, run}`` (another run starts on the dead
+    process's node and port). ``events=False``: the same run without any (a healthy twin).
+    """
+    import signal
+    from prometheus_client import CollectorRegistry
+    from ..core import TrainingExporter
+    import torch
+    torch.set_num_threads(1)
+    if not events:
+        run = Run(**{**run.__dict__, "events": {}, "seed": run.seed + 1000})
+    c = curves(run)
+    loss, grad, lr, t = c["loss"].tolist(), c["grad"].tolist(), c["lr"].tolist(), c["t"].tolist()
+    procs = _processes(run)
+    gap = [_seconds(x) for x in run.events.get("gap", [])]
+    moments: List[tuple] = [(p.start, 0, "start", p) for p in procs] + [(p.end, 3, "end", p) for p in procs]
+    if "checkpoint" in run.events:
+        at, lasts = (_seconds(x) for x in run.events["checkpoint"])
+        moments += [(at, 1, "checkpoint", None), (at + lasts, 1, "checkpointed", None)]
+    moments += [(x, 2, "step", i) for i, x in enumerate(t)]
+    moments += [(k * run.scrape, 4, "scrape", k) for k in range(int(run.duration // run.scrape) + 1)]
+    moments.sort(key=lambda m: (m[0], m[1]))
+    clock = _Clock()
+    rows: Dict[str, List[Optional[Dict[str, float]]]] = {p.instance: [] for p in procs}
+    steps: Dict[str, int] = {}
+    next_eval: Dict[int, float] = {}
+    saving = None
+    with _simulated(clock), _sigterm_returns():
+        try:
+            for when, _, kind, what in moments:
+                if when > run.duration:
+                    break
+                clock.now = when
+                live = [p for p in procs if p.exp is not None and not p.gone]
+                if kind == "start":
+                    what.exp = TrainingExporter(run=what.run, port=0, addr="127.0.0.1", registry=CollectorRegistry(),
+                                                close_timeout=0, handle_sigterm=what.how.startswith("preempt"))
+                    next_eval[id(what)] = what.first_step + run.eval_interval
+                elif kind == "checkpoint":
+                    saving = next(p for p in live if p.run == run.name).exp.phase("checkpoint")
+                elif kind == "checkpointed":
+                    saving.__exit__(None, None, None)
+                    saving = None
+                elif kind == "step":
+                    for p in live:
+                        if when < p.first_step or p.exp._closed or (saving is not None and p.run == run.name):
+                            continue
+                        steps[p.run] = steps.get(p.run, 0) + 1
+                        p.exp.log_step(loss[what], grad_norm=grad[what], lr=lr[what], step=steps[p.run], samples=32)
+                        if when + 1e-9 >= next_eval[id(p)]:
+                            p.exp.log_eval("val", loss=float(c["level"][what]) + 0.1 * float(c["scale"]),
+                                           step=steps[p.run])
+                            next_eval[id(p)] += run.eval_interval
+                elif kind == "end" and what.exp is not None:
+                    if what.how.startswith("preempt"):
+                        signal.raise_signal(signal.SIGTERM)  # the exporter's handler, then the one that returns
+                    elif what.how == "finish":
+                        what.exp.close("completed")
+                    what.gone = what.how in ("crash", "preempt_unscraped")
+                    what.final_scrape = not what.gone
+                elif kind == "scrape":
+                    down = bool(gap) and gap[0] <= when < gap[1]
+                    for instance, scraped in rows.items():
+                        here = [p for p in live if p.instance == instance]
+                        if down:
+                            scraped.append(None)
+                        elif here:
+                            scraped.append(_exposition(here[-1].exp.registry))
+                            for p in here:
+                                p.gone = p.gone or p.final_scrape  # the process exits once its end was read
+                        else:
+                            began = any(p.exp is not None for p in procs if p.instance == instance)
+                            scraped.append({} if began else None)
+        finally:
+            for p in procs:
+                if p.exp is not None:
+                    p.exp.close("failed" if not p.exp._closed else "completed", stop_server=True)
+    out: Targets = {}
+    for instance, scraped in rows.items():
+        keys = sorted({key for row in scraped if row for key in row})
+        out[instance] = {key: [None if row is None else row.get(key) for row in scraped] for key in keys}
+        out[instance]["up{}"] = [None if row is None else float(bool(row)) for row in scraped]
+    return out
