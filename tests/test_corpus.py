@@ -6,10 +6,11 @@ from pathlib import Path
 import pytest
 
 from exporter.ops import scorecard
-from exporter.ops.simulate import Run, curves, scrape_series
+from exporter.ops.simulate import Run, curves, lifecycle_series, scrape_series
 
 CORPUS = Path(__file__).resolve().parent / "corpus" / "corpus.yaml"
 RULES = Path(__file__).resolve().parent.parent / "deploy" / "prometheus" / "rules"
+THRESHOLDS = RULES.parent / "thresholds.yaml"
 
 
 def run(**over):
@@ -92,3 +93,95 @@ def test_held_out_runs_replayed_through_promtool_score_the_committed_rules():
     assert results["h-gap-1min"].false_alarms == []
     twin = results["h-diverge-strong-3h-1min"]
     assert twin.detected and twin.false_alarms == []  # the same run name in namespace ns-b stays quiet
+
+
+# ------------------------------------------------------------------------------------------------ lifecycle
+LIFECYCLE_KINDS = {  # what the lifecycle issue lists, and how a row says it
+    "clean exit": lambda r: "finish" in r.events,
+    "resume elsewhere": lambda r: "resume" in r.events and r.events["resume"].get("instance", "") != "node-1:9945",
+    "node reuse": lambda r: "reuse" in r.events,
+    "crash": lambda r: "crash" in r.events and not {"resume", "reuse"} & set(r.events) and not r.twin,
+    "preemption": lambda r: "preempt" in r.events or "preempt_unscraped" in r.events,
+    "18-minute checkpoint": lambda r: r.events.get("checkpoint", [None, None])[1] == "18m",
+    "slow start-up": lambda r: "startup" in r.events,
+    "same name in two namespaces": lambda r: bool(r.twin),
+}
+
+
+def test_lifecycle_rows_cover_the_issue_in_both_halves():
+    rows = scorecard.load_lifecycle(CORPUS)
+    names = [r.name for r in rows] + [r.name for r in scorecard.load_corpus(CORPUS)]
+    assert len(set(names)) == len(names)
+    for half in ("tuning", "held-out"):
+        mine = [r for r in rows if r.half == half]
+        for kind, has in LIFECYCLE_KINDS.items():
+            assert any(has(r) for r in mine), (half, kind)
+    tuning = {r.name[2:]: r for r in rows if r.half == "tuning"}
+    for r in rows:
+        if r.half == "held-out":  # the held-out twin of each tuning row has another seed and cadence
+            twin = next(t for name, t in tuning.items() if name.rsplit("-", 1)[0] in r.name)
+            assert r.seed != twin.seed and (r.rate, r.scrape) != (twin.rate, twin.scrape), r.name
+
+
+def lc(**over):
+    return run(**{"rate": "1/min", "scrape": "60s", "duration": "1h", **over})
+
+
+def status(targets, instance, run_name, state):
+    series = targets[instance]
+    return series.get(f'training_run_status{{rank="0",run="{run_name}",status="{state}"}}')
+
+
+def test_lifecycle_events_are_what_prometheus_sees_from_each_target():
+    crash = scrape_series_of(events={"crash": "20m"})
+    assert crash["node-1:9945"]["up{}"][19:22] == [1.0, 0.0, 0.0]  # nothing answers from the crash on
+    assert status(crash, "node-1:9945", "g", "running")[19:21] == [1.0, None]
+    preempt = scrape_series_of(events={"preempt": "20m", "resume": {"after": "10m", "instance": "node-2:9945"}})
+    # A real SIGTERM: "interrupted" served at the next scrape, then the process exits; the run resumes elsewhere.
+    assert status(preempt, "node-1:9945", "g", "interrupted")[19:22] == [0.0, 1.0, None]
+    assert preempt["node-1:9945"]["up{}"][21] == 0.0
+    back = status(preempt, "node-2:9945", "g", "running")
+    assert back[29] is None and back[30] == 1.0  # the resumed process is scraped from minute 30
+    steps = preempt["node-2:9945"]['training_step{rank="0",run="g"}']
+    assert steps[-1] == 20 + (60 - 32) + 1  # the global step goes on from where the preempted process left it
+    reuse = scrape_series_of(events={"crash": "20m", "reuse": {"after": "2m", "run": "other"}})
+    assert reuse["node-1:9945"]["up{}"][19:24] == [1.0, 0.0, 0.0, 1.0, 1.0]  # the same target, another run
+    assert status(reuse, "node-1:9945", "other", "running")[22] == 1.0
+    unscraped = scrape_series_of(events={"preempt_unscraped": "20m"})
+    assert status(unscraped, "node-1:9945", "g", "interrupted")[19:21] == [0.0, None]
+    saving = scrape_series_of(events={"checkpoint": ["20m", "18m"]})["node-1:9945"]
+    phase = saving['training_phase_start_timestamp_seconds{phase="checkpoint",rank="0",run="g"}']
+    assert phase[19] is None and phase[20:38] == [1200.0] * 18 and phase[38] is None
+
+
+def scrape_series_of(**over):
+    return lifecycle_series(lc(**over))
+
+
+# The rows at one step a minute (cheap to generate); `python -m exporter scorecard` replays them all.
+LIFECYCLE_REPLAYED = ("t-lc-crash-1min", "t-lc-two-namespaces-1min", "h-lc-node-reuse-1min",
+                      "h-lc-resume-elsewhere-late-1min", "t-lc-preempt-resumed-1min", "t-lc-checkpoint-18m-1min")
+
+
+def test_lifecycle_rows_replayed_through_promtool_pass_with_the_committed_rules():
+    rows = [r for r in scorecard.load_lifecycle(CORPUS) if r.name in LIFECYCLE_REPLAYED]
+    results = {r.run.name: r for r in scorecard.run_lifecycle(rows, RULES)}
+    print("\n".join(scorecard.lifecycle_table(list(results.values()))))
+    assert sorted(results) == sorted(LIFECYCLE_REPLAYED)
+    assert [name for name, r in results.items() if not r.ok] == []
+    crash = results["t-lc-crash-1min"]
+    assert [k[0] for k in crash.fired] == ["TrainingTargetDown"] and crash.at_end  # not resolved by itself
+    assert {k[2] for k in results["t-lc-two-namespaces-1min"].fired} == {"ns-a"}  # the healthy twin is quiet
+    assert {k[3] for k in results["h-lc-node-reuse-1min"].fired} == {"h-lc-node-reuse-1min"}
+    late = results["h-lc-resume-elsewhere-late-1min"]
+    assert late.fired and not late.after_return  # alerted while away, resolved once back
+
+
+def test_lifecycle_verdict_fails_when_a_phase_allowance_is_too_short(tmp_path):
+    """The scorecard can fail: with a 10-minute checkpoint allowance the 18-minute checkpoint is a hang."""
+    variant = tmp_path / "thresholds.yaml"
+    variant.write_text(f"extends: {THRESHOLDS}\nalerts:\n  TrainingHung:\n    phases: {{startup: 1h, checkpoint: 10m}}\n")
+    rules = scorecard.rule_dir_from(variant, tmp_path / "rules")
+    row = next(r for r in scorecard.load_lifecycle(CORPUS) if r.name == "t-lc-checkpoint-18m-1min")
+    result = scorecard.replay_lifecycle(row, rules)
+    assert not result.ok and [k[0] for k in result.fired] == ["TrainingHung"], result.problems

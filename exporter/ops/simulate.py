@@ -290,8 +290,9 @@ class _Process:
     end: float = math.inf
     how: str = ""  # crash, preempt (scraped once more), preempt_unscraped, finish (scraped once more)
     exp: Any = None
-    gone: bool = False
-    final_scrape: bool = False
+    ended: bool = False  # its run ended (or it died): it makes no more steps
+    gone: bool = False  # nothing answers on its port any more
+    final_scrape: bool = False  # its end is served to one more scrape, then the process exits
 
 
 def _processes(run: Run) -> List[_Process]:
@@ -379,7 +380,7 @@ def lifecycle_series(run: Run, events: bool = True) -> Targets:
                     saving = None
                 elif kind == "step":
                     for p in live:
-                        if when < p.first_step or p.exp._closed or (saving is not None and p.run == run.name):
+                        if when < p.first_step or p.ended or (saving is not None and p.run == run.name):
                             continue
                         steps[p.run] = steps.get(p.run, 0) + 1
                         p.exp.log_step(loss[what], grad_norm=grad[what], lr=lr[what], step=steps[p.run], samples=32)
@@ -392,7 +393,7 @@ def lifecycle_series(run: Run, events: bool = True) -> Targets:
                         signal.raise_signal(signal.SIGTERM)  # the exporter's handler, then the one that returns
                     elif what.how == "finish":
                         what.exp.close("completed")
-                    what.gone = what.how in ("crash", "preempt_unscraped")
+                    what.ended, what.gone = True, what.how in ("crash", "preempt_unscraped")
                     what.final_scrape = not what.gone
                 elif kind == "scrape":
                     down = bool(gap) and gap[0] <= when < gap[1]
@@ -410,7 +411,7 @@ def lifecycle_series(run: Run, events: bool = True) -> Targets:
         finally:
             for p in procs:
                 if p.exp is not None:
-                    p.exp.close("failed" if not p.exp._closed else "completed", stop_server=True)
+                    p.exp.close("failed", stop_server=True)  # no scrape reads it any more
     out: Targets = {}
     for instance, scraped in rows.items():
         keys = sorted({key for row in scraped if row for key in row})
