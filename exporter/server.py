@@ -168,7 +168,7 @@ class _Source:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
         self.closed = False
-        self.retired = False  # a newer exporter took the port over: serve until its final state was scraped, then drop
+        self.retired = False  # a newer exporter took the port over: drop once its final state was scraped
         # The run's end counts as scraped only by a scrape that began after close(): one in flight at that moment
         # may carry the state from before, and must neither end the wait at exit nor drop a retired source.
         self.closed_ticket: Optional[int] = None
@@ -335,7 +335,7 @@ class MetricsServer:
                                         daemon=True)
         self._thread.start()
 
-    def exposition(self, accept: Optional[str]) -> Tuple[bytes, str, "_Served"]:
+    def exposition(self, accept: Optional[str]) -> Tuple[bytes, str, _Served]:
         """The body of one scrape, its content type, and what it served (for ``scraped``)."""
         with self._lock:
             self._tickets += 1
@@ -351,7 +351,7 @@ class MetricsServer:
             source.closed = True
             source.closed_ticket = self._tickets
 
-    def scraped(self, served: "_Served") -> None:
+    def scraped(self, served: _Served) -> None:
         """A response went out whole: the closed sources it began after have had their final scrape, and the
         retired ones among them are dropped."""
         with self._lock:
@@ -445,7 +445,8 @@ def wait_final_scrapes() -> bool:
 
 def serve(registry: CollectorRegistry, port: int, addr: str, web_config: Optional[str] = None) -> Endpoint:
     """Serve ``registry`` on ``addr:port`` (port 0 picks a free one), taking over the port from exporters of this
-    process that were closed: their final series stay until a scrape has carried them once more."""
+    process that were closed: their final series stay until a scrape that began after their close() carried
+    them."""
     config = WebConfig(Path(web_config)) if web_config else None
     source = _Source(registry)
     with _LOCK:

@@ -180,7 +180,8 @@ def test_lifecycle_rows_replayed_through_promtool_pass_with_the_committed_rules(
 def test_lifecycle_verdict_fails_when_a_phase_allowance_is_too_short(tmp_path):
     """The scorecard can fail: with a 10-minute checkpoint allowance the 18-minute checkpoint is a hang."""
     variant = tmp_path / "thresholds.yaml"
-    variant.write_text(f"extends: {THRESHOLDS}\nalerts:\n  TrainingHung:\n    phases: {{startup: 1h, checkpoint: 10m}}\n")
+    variant.write_text(f"extends: {THRESHOLDS}\nalerts:\n  TrainingHung:\n"
+                       "    phases: {startup: 1h, checkpoint: 10m}\n")
     rules = scorecard.rule_dir_from(variant, tmp_path / "rules")
     row = next(r for r in scorecard.load_lifecycle(CORPUS) if r.name == "t-lc-checkpoint-18m-1min")
     result = scorecard.replay_lifecycle(row, rules)

@@ -334,7 +334,8 @@ def _stale_input(targets: Targets, labels: Dict[str, str]) -> List[Dict[str, str
 def _promtool_firing(name: str, inputs: List[Dict[str, str]], interval: float, ranges: Sequence[float],
                      at: float, rule_dir: Path) -> Dict[int, Firing]:
     """For each range (seconds before ``at``), when each alert about a run first fired in it, per run."""
-    doc = {"rule_files": sorted(str(p.resolve()) for p in Path(rule_dir).glob("*.rules.yml")), "evaluation_interval": f"{EVAL_INTERVAL}s",
+    doc = {"rule_files": sorted(str(p.resolve()) for p in Path(rule_dir).glob("*.rules.yml")),
+           "evaluation_interval": f"{EVAL_INTERVAL}s",
            "tests": [{"name": name, "interval": f"{int(interval)}s", "input_series": inputs,
                       "promql_expr_test": [_first_firing(rng, at, [], _BY_RUN) for rng in ranges]}]}
     with tempfile.TemporaryDirectory(prefix="scorecard-") as tmp:
