@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -92,6 +92,44 @@ def _scorecard(args: argparse.Namespace) -> int:
                           command="python -m exporter " + shlex.join(sys.argv[1:]))
 
 
+def _number(kind: type, low: float, high: float = float("inf")) -> Callable[[str], float]:
+    """An argparse type: a ``kind`` number within [low, high], refused with a one-line error otherwise."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not {'an integer' if kind is int else 'a number'}: {text!r}")
+        if not low <= value <= high:
+            bound = f"at least {low:g}" if high == float("inf") else f"from {low:g} to {high:g}"
+            raise argparse.ArgumentTypeError(f"{value:g} is out of range: expected {bound}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+def _duration(text: str) -> str:
+    from .ops.thresholds import duration_seconds
+
+    try:
+        seconds = duration_seconds(text)
+    except (ValueError, TypeError):
+        seconds = None
+    if not seconds:
+        raise argparse.ArgumentTypeError(f"not a positive Prometheus duration such as 30m or 2h: {text!r}")
+    return text
+
+
+def _url(text: str) -> str:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise argparse.ArgumentTypeError(f"not an http(s) URL: {text!r} (e.g. http://localhost:9090)")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .stack.demo import SCENARIOS
 
@@ -103,16 +141,16 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Train a small MLP on synthetic data with the exporter serving /metrics. "
                                       "Scenarios: " + "; ".join(f"{k}: {v.description}" for k, v in SCENARIOS.items()))
     demo.add_argument("--scenario", choices=sorted(SCENARIOS), default="healthy")
-    demo.add_argument("--steps", type=int, default=1200, help="optimizer steps (default 1200)")
-    demo.add_argument("--step-time", type=float, default=0.05,
+    demo.add_argument("--steps", type=_number(int, 1), default=1200, help="optimizer steps (default 1200)")
+    demo.add_argument("--step-time", type=_number(float, 0), default=0.05,
                       help="minimum seconds per step, to pace the run like a real job (default 0.05)")
-    demo.add_argument("--eval-every", type=int, default=50, help="steps between evaluations (default 50)")
+    demo.add_argument("--eval-every", type=_number(int, 1), default=50, help="steps between evaluations (default 50)")
     demo.add_argument("--run", help="run id (default demo-SCENARIO)")
-    demo.add_argument("--port", type=int, help="port to serve on (default 9945 or TRAINING_EXPORTER_PORT; 0: any)")
+    demo.add_argument("--port", type=_number(int, 0, 65535), help="port to serve on (default 9945 or TRAINING_EXPORTER_PORT; 0: any)")
     demo.add_argument("--addr", help="address to bind (default 0.0.0.0 or TRAINING_EXPORTER_ADDR)")
-    demo.add_argument("--linger", type=float, default=0.0,
+    demo.add_argument("--linger", type=_number(float, 0), default=0.0,
                       help="seconds to keep serving after the run ended, so Prometheus scrapes the end")
-    demo.add_argument("--max-window", type=float, default=60.0,
+    demo.add_argument("--max-window", type=_number(float, 0.001), default=60.0,
                       help="seconds the exporter keeps a step's maximum loss and gradient norm (default 60)")
     demo.set_defaults(func=_demo)
 
@@ -122,18 +160,18 @@ def build_parser() -> argparse.ArgumentParser:
                                        "run and one per pathology side by side, and print the alerts as they "
                                        "arrive and a summary. With a terminal and no --duration it keeps the "
                                        "stack up until Ctrl-C; otherwise it ends by itself.")
-    stack.add_argument("--duration", type=float, help="end after this many seconds at most (default: when every "
+    stack.add_argument("--duration", type=_number(float, 1), help="end after this many seconds at most (default: when every "
                                                       "expected alert arrived, at most 600 s)")
     stack.add_argument("--workdir", default=".demo", help="folder for every file the demo writes (default .demo)")
-    stack.add_argument("--steps", type=int, default=3000, help="steps of each training run (default 3000)")
+    stack.add_argument("--steps", type=_number(int, 1), default=3000, help="steps of each training run (default 3000)")
     stack.set_defaults(func=_stack)
 
     rep = sub.add_parser("report", help="draw a run's learning curves to PNG from Prometheus (needs matplotlib)",
                          description="Render the main panels of the run dashboard to one PNG from Prometheus's "
                                      "range queries, x-axis in optimizer steps.")
-    rep.add_argument("--prometheus", required=True, help="Prometheus URL, e.g. http://localhost:9090")
+    rep.add_argument("--prometheus", required=True, type=_url, help="Prometheus URL, e.g. http://localhost:9090")
     rep.add_argument("--run", required=True, help="the run to draw")
-    rep.add_argument("--since", default="1h", help="time range ending now, a Prometheus duration (default 1h)")
+    rep.add_argument("--since", default="1h", type=_duration, help="time range ending now, a Prometheus duration (default 1h)")
     rep.add_argument("--job", default=".+", help="regex of the scrape job (default any)")
     rep.add_argument("--out", default=".", help="folder for RUN.png (default the current folder)")
     rep.add_argument("--thresholds", default="deploy/prometheus/thresholds.yaml",

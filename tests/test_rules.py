@@ -98,6 +98,19 @@ def test_durations():
 # ------------------------------------------------------------------------- each alert, built by hand
 
 
+def test_a_scaler_that_keeps_overflowing_is_reported_with_its_skipped_steps(tmp_path):
+    # 60 steps a minute; from minute 10 the scaler skips 50 of them: no loss is non-finite, the alert's cause says
+    # so and its value is the count of skipped steps in the last hour, not a time.
+    series = synthetic(40)
+    series["training_scaler_skipped_steps_total"] = [0] * 10 + [50 * (m - 9) for m in range(10, 40)]
+    fires = firing("TrainingLossNotFinite", "Run r1: 1500 scaler-skipped steps in the last 1h, more than half of its "
+                   "steps and at least 20: the loss scale keeps overflowing.", cause="scaler_overflow")
+    group = {"name": "scaler", "interval": "1m", "input_series": input_series(series, RUN), "alert_rule_test": [
+        alert_test(9, "TrainingLossNotFinite"), alert_test(39, "TrainingLossNotFinite", fires)]}
+    result = write_and_run(tmp_path, [group])
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_64_ranks_raise_one_alert_per_run(tmp_path):
     tests = []
     for rank in range(64):
@@ -107,9 +120,8 @@ def test_64_ranks_raise_one_alert_per_run(tmp_path):
         group_labels = dict(RUN, rank=str(rank), instance=f"node-{rank // 8}:{9945 + rank % 8}")
         tests += input_series(series, group_labels)
     fires = firing(
-        "TrainingLossNotFinite", "Run r1 had a step with a NaN/Inf loss or gradients in the last 5m (value: the "
-        "time of the last one, or the scaler-skipped steps of the last 1h when more than half of its steps and at "
-        "least 20 were skipped: 1170).")
+        "TrainingLossNotFinite", "Run r1: a step with a NaN/Inf loss or gradients at 1970-01-01 00:19:30 +0000 UTC "
+        "(within the last 5m).", cause="nonfinite")
     group = {"name": "64 ranks", "interval": "1m", "input_series": tests, "alert_rule_test": [
         alert_test(22, "TrainingLossNotFinite", fires)]}
     result = write_and_run(tmp_path, [group])

@@ -152,22 +152,24 @@ def alerts(t: Thresholds) -> List[Alert]:
     last_nf_before = f"max by ({ids}) (training_last_nonfinite_timestamp_seconds{{{s}}} offset {nf_window})"
     return [Alert(*x) for x in (
         ("TrainingLossNotFinite", f"""
-            {last_nf} > {last_nf_before}
+            label_replace({last_nf} > {last_nf_before} or ({last_nf} unless {last_nf_before}),
+                          "cause", "nonfinite", "", "")
             or
-            ({last_nf} unless {last_nf_before})
-            or
-            round(sum by ({ids}) (increase(training_scaler_skipped_steps_total{{{s}}}[{skip_window}])))
-              > {num(t.number(nf + "max_skipped_ratio"))}
-              * sum by ({ids}) (increase(training_step_duration_seconds_count{{{s}}}[{skip_window}]))
-            and
-            round(sum by ({ids}) (increase(training_scaler_skipped_steps_total{{{s}}}[{skip_window}])))
-              >= {num(t.number(nf + "min_skipped_steps"))}""",
+            label_replace(
+              round(sum by ({ids}) (increase(training_scaler_skipped_steps_total{{{s}}}[{skip_window}])))
+                > {num(t.number(nf + "max_skipped_ratio"))}
+                * sum by ({ids}) (increase(training_step_duration_seconds_count{{{s}}}[{skip_window}]))
+              and
+              round(sum by ({ids}) (increase(training_scaler_skipped_steps_total{{{s}}}[{skip_window}])))
+                >= {num(t.number(nf + "min_skipped_steps"))},
+              "cause", "scaler_overflow", "", "")""",
          t.duration(nf + "for"),
          "Training loss or gradients became NaN or infinite.",
-         "Run {{ $labels.run }} had a step with a NaN/Inf loss or gradients in the last " + nf_window
-         + " (value: the time of the last one, or the scaler-skipped steps of the last " + skip_window
-         + " when more than half of its steps and at least " + num(t.number(nf + "min_skipped_steps"))
-         + " were skipped: {{ $value }})."),
+         # The label cause tells the value's kind: a Unix time (a non-finite step) or a count (scaler skips).
+         "Run {{ $labels.run }}: {{ if eq $labels.cause \"nonfinite\" }}a step with a NaN/Inf loss or gradients "
+         "at {{ $value | humanizeTimestamp }} (within the last " + nf_window + "){{ else }}{{ $value }} "
+         "scaler-skipped steps in the last " + skip_window + ", more than half of its steps and at least "
+         + num(t.number(nf + "min_skipped_steps")) + ": the loss scale keeps overflowing{{ end }}."),
         ("TrainingGradientExplosion", f"""
             max by ({ids}) (max_over_time(training_grad_norm_recent_max{{{s}}}[{t.duration(ge + "window")}]))
               > {num(t.number(ge + "factor"))} * run:training_grad_norm:baseline
