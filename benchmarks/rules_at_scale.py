@@ -14,7 +14,7 @@ for that long without a scrape target serving 8,000 processes. Blocks reaching p
 in-order appends older than their end, so the configuration opens an out-of-order window that lets the recording
 rules write their results at "now".
 
-    python benchmarks/rules_at_scale.py --runs 10 100 1000
+    python benchmarks/rules_at_scale.py --runs 10 100 --scrape 60 --rules BEFORE deploy/prometheus/rules
 """
 from __future__ import annotations
 
