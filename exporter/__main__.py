@@ -130,6 +130,31 @@ def _url(text: str) -> str:
     return text
 
 
+def _simulate(args: argparse.Namespace) -> int:
+    import time
+    from pathlib import Path
+
+    from .ops.scorecard import load_corpus
+    from .ops.simulate import openmetrics_text
+
+    runs = {run.name: run for run in load_corpus(Path(args.corpus))}
+    if args.run not in runs:
+        print(f"error: no run {args.run!r} in {args.corpus}", file=sys.stderr)
+        return 2
+    labels = {"job": "training", "instance": "node-1:9945"}
+    for pair in args.label:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.isidentifier():
+            print(f"error: --label wants NAME=VALUE, got {pair!r}", file=sys.stderr)
+            return 2
+        labels[key] = value
+    run = runs[args.run]
+    start = args.start if args.start is not None else time.time() - run.duration  # the run ends now
+    Path(args.out).write_text(openmetrics_text(run, round(start), labels))
+    print(f"wrote {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .stack.demo import SCENARIOS
 
@@ -216,6 +241,21 @@ def build_parser() -> argparse.ArgumentParser:
     card.add_argument("--title", default="Detection scorecard", help="the Markdown title")
     card.add_argument("--out", help="Markdown file to write (default: print)")
     card.set_defaults(func=_scorecard)
+
+    sim = sub.add_parser("simulate", help="write what Prometheus would have scraped from one corpus run",
+                         description="Drive the real exporter through a corpus run on a simulated clock and write "
+                                     "every sample it served at each scrape, for `promtool tsdb "
+                                     "create-blocks-from openmetrics`.")
+    sim.add_argument("--corpus", default="tests/corpus/corpus.yaml", help="corpus file (default %(default)s)")
+    sim.add_argument("--run", required=True, help="the corpus run")
+    sim.add_argument("--format", choices=("openmetrics",), default="openmetrics", help="output format (default "
+                                                                                        "%(default)s)")
+    sim.add_argument("--start", type=float, help="Unix time of the run's start (default: the run ends now)")
+    sim.add_argument("--label", action="append", default=[], metavar="NAME=VALUE",
+                     help="a label on every series, e.g. namespace=team-a; repeatable (job=training and "
+                          "instance=node-1:9945 unless given)")
+    sim.add_argument("--out", required=True, help="file to write")
+    sim.set_defaults(func=_simulate)
     return parser
 
 

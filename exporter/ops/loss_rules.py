@@ -23,13 +23,25 @@ def recording(t: Thresholds) -> Dict[str, str]:
     split = t.text("eval_split")
     min_steps = num(t.number("windows.min_steps"))
 
+    # Range functions over every rank's counters are the bulk of the evaluation cost at many runs: each windowed
+    # per-run sum is recorded once (per distinct window, named by the first role that uses it) and read back by
+    # every rule below, which evaluates later in the same group at the same instant and so sees the same value.
+    role_of: Dict[str, str] = {}
+    for role in ("smoothing", "smoothing_slow", "trend", "trend_slow", "baseline", "lookback"):
+        role_of.setdefault(t.duration(f"windows.{role}"), role)
+    per_run: Dict[str, str] = {}
+
+    def increase(counter: str, w: str) -> str:
+        name = f"run:{counter[:-len('_total')]}:increase_{role_of[w]}"
+        per_run.setdefault(name, f"sum by ({ids}) (increase({counter}{{{s}}}[{w}]))")
+        return name
+
     def steps(w: str) -> str:
-        return f"sum by ({ids}) (increase(training_loss_steps_total{{{s}}}[{w}]))"
+        return increase("training_loss_steps_total", w)
 
     def mean(w: str) -> str:
-        return (f"(sum by ({ids}) (increase(training_loss_positive_sum_total{{{s}}}[{w}]))"
-                f" - sum by ({ids}) (increase(training_loss_negative_sum_total{{{s}}}[{w}])))"
-                f" / {steps(w)}")
+        return (f"({increase('training_loss_positive_sum_total', w)}"
+                f" - {increase('training_loss_negative_sum_total', w)}) / {steps(w)}")
 
     def ladder(fast: str, slow: str, w: str, w_slow: str) -> str:
         """``fast`` where the run's mean step rate over ``w_slow`` gives at least min_steps steps per ``w``, else
@@ -42,20 +54,23 @@ def recording(t: Thresholds) -> Dict[str, str]:
             ({slow})"""
 
     def grad_mean(w: str) -> str:
-        return (f"sum by ({ids}) (increase(training_grad_norm_sum_total{{{s}}}[{w}]))"
-                f" / sum by ({ids}) (increase(training_grad_norm_steps_total{{{s}}}[{w}]))")
+        return f"{increase('training_grad_norm_sum_total', w)} / {increase('training_grad_norm_steps_total', w)}"
 
-    return {
+    def squares(w: str) -> str:
+        return increase("training_loss_squared_sum_total", w)
+
+    # The learning rate is the same on every rank: reduced to one series per run and parameter group first, so
+    # the long windows below scan one series per run instead of one per rank.
+    lr = "run_param_group:training_learning_rate:max"
+    rules = {
         # Exact mean of every step's train loss over the smoothing window (the slow one for slow runs), over all
         # ranks; sign-safe: the positive and negative parts are separate counters.
         "run:training_loss:smoothed": ladder(mean(smooth), mean(smooth_slow), "smoothing", "smoothing_slow"),
         # The run's own per-step noise: standard deviation of the step losses over the trend window (a trend
         # inside the window counts as noise, which errs on the quiet side).
         "run:training_loss:noise": ladder(
-            f"sqrt(clamp_min(sum by ({ids}) (increase(training_loss_squared_sum_total{{{s}}}[{trend}])) / {steps(trend)}"
-            f" - ({mean(trend)}) ^ 2, 0))",
-            f"sqrt(clamp_min(sum by ({ids}) (increase(training_loss_squared_sum_total{{{s}}}[{trend_slow}])) / "
-            f"{steps(trend_slow)} - ({mean(trend_slow)}) ^ 2, 0))"
+            f"sqrt(clamp_min({squares(trend)} / {steps(trend)} - ({mean(trend)}) ^ 2, 0))",
+            f"sqrt(clamp_min({squares(trend_slow)} / {steps(trend_slow)} - ({mean(trend_slow)}) ^ 2, 0))"
             f" and on ({ids}) ({steps(trend_slow)} >= {min_steps})", "trend", "trend_slow"),
         # The lowest smoothed loss of the lookback window: divergence is measured from it.
         "run:training_loss:best": f"""
@@ -93,13 +108,13 @@ def recording(t: Thresholds) -> Dict[str, str]:
         # The learning rate relative to its highest value of the lookback window: near 1 the schedule has not
         # annealed it (a flat loss is stuck), near 0 it has (converged).
         "run:training_learning_rate:fraction_of_peak": f"""
-            max by ({ids}) (training_learning_rate{{{s}}})
-              / max by ({ids}) (max_over_time(training_learning_rate{{{s}}}[{lookback}]))""",
+            max by ({ids}) ({lr})
+              / max by ({ids}) (max_over_time({lr}[{lookback}]))""",
         # Above 1 while the learning rate stands above its lowest value of the trend window: a warmup or a warm
         # restart, after which a higher loss is expected.
         "run:training_learning_rate:rise": ladder(
-            f"max by ({ids}) (training_learning_rate{{{s}}}) / max by ({ids}) (min_over_time(training_learning_rate{{{s}}}[{trend}]))",
-            f"max by ({ids}) (training_learning_rate{{{s}}}) / max by ({ids}) (min_over_time(training_learning_rate{{{s}}}[{trend_slow}]))",
+            f"max by ({ids}) ({lr}) / max by ({ids}) (min_over_time({lr}[{trend}]))",
+            f"max by ({ids}) ({lr}) / max by ({ids}) (min_over_time({lr}[{trend_slow}]))",
             "trend", "trend_slow"),
         "run:training_eval_loss:latest": f"""
             avg by ({ids}, split) (training_loss{{{s}, split!="train"}})""",
@@ -130,6 +145,8 @@ def recording(t: Thresholds) -> Dict[str, str]:
         "run:training_grad_norm:global": f"""
             sqrt(sum by ({ids}) (training_grad_norm_shard_squared{{{s}}}))""",
     }
+    # Recorded before the rules that read them, which the group evaluates after.
+    return {**per_run, lr: f"max by ({ids}, param_group) (training_learning_rate{{{s}}})", **rules}
 
 
 def alerts(t: Thresholds) -> List[Alert]:
