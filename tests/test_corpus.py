@@ -1,5 +1,6 @@
 """The detection corpus and its generator: the series are what the real exporter serves on a simulated clock,
 the corpus covers what the corpus issue lists, and a replay through promtool scores the committed rules."""
+import json
 import math
 from pathlib import Path
 
@@ -70,7 +71,9 @@ def test_corpus_covers_what_the_issue_lists():
             assert strengths == {"strong", "mild"}, (half, kind)
         assert {r.schedule.get("kind") for r in mine if not r.pathology} >= {"cosine", "wsd", "step", "restarts"}
         assert any(r.loss.get("end", 1) < 0 for r in mine if not r.pathology)  # negative losses
-        assert any(abs(r.loss["start"]) < 0.5 and r.loss["noise"] >= 3 for r in mine if not r.pathology)  # RL-like
+        assert any(abs(r.loss.get("start", 1)) < 0.5 and r.loss.get("noise", 0) >= 3
+                   for r in mine if not r.pathology)  # RL-like
+        assert any(r.recorded for r in mine)  # real trainings
         assert {"gap", "restart", "finish"} <= {e for r in mine for e in r.events}
         assert any(r.twin for r in mine)
     assert {r.rate for r in runs} == {1 / 60, 1.0, 50.0}
@@ -78,6 +81,25 @@ def test_corpus_covers_what_the_issue_lists():
     assert {r.eval_steps for r in runs} >= {100} and 3 * 3600 in {r.eval_seconds for r in runs}
     # the halves differ in seeds
     assert not {r.seed for r in runs if r.half == "tuning"} & {r.seed for r in runs if r.half == "held-out"}
+
+
+def test_real_trainings_are_replayed_as_recorded():
+    runs = [r for r in scorecard.load_corpus(CORPUS) if r.recorded]
+    assert {r.pathology and r.pathology["kind"] for r in runs} == {None, "diverge", "overfit"}
+    for r in runs:
+        rec = json.loads(r.recorded.read_text())
+        if r.pathology:  # the corpus's onset is the recording's
+            assert r.onset == rec["onset_step"] / r.rate, r.name
+    r = next(r for r in runs if r.pathology is None)
+    rec, s = json.loads(r.recorded.read_text()), scrape_series(r)
+    steps = s[key(s, "training_loss_steps_total")]
+    assert steps[-1] == rec["steps"] and steps[4] == 61  # every recorded step, 60 s in at one step a second
+    pos, neg = s[key(s, "training_loss_positive_sum_total")], s[key(s, "training_loss_negative_sum_total")]
+    assert pos[4] - neg[4] == pytest.approx(sum(rec["loss"][:61]), rel=1e-6)
+    assert s[key(s, "training_eval_loss_best")][-1] == pytest.approx(min(rec["eval_loss"]))
+    accuracy = next(v for k, v in s.items() if k.startswith("training_eval_metric{") and 'metric="accuracy"' in k)
+    # Evaluations every 100 s from 100 s on: the hour's last is the recording's evaluation at step 3500.
+    assert accuracy[-1] == pytest.approx(rec["eval_accuracy"][rec["eval_step"].index(3500)])
 
 
 REPLAYED = ("h-nan-mild-gap-1s", "h-spike-strong-neg-1min", "h-gap-1min", "h-diverge-strong-3h-1min")

@@ -1,5 +1,6 @@
 """The loss diagnoses of issue 11, one class each, judged on runs the real exporter served (the corpus
 generator) and replayed through promtool against the committed rules."""
+import concurrent.futures
 import subprocess
 from pathlib import Path
 
@@ -51,7 +52,14 @@ RUNS = [
 
 @pytest.fixture(scope="module")
 def results():
-    return {r.run.name: r for r in scorecard.run_corpus(RUNS, RULES)}
+    # Generated two at a time, replayed in two promtool processes of several runs each.
+    with concurrent.futures.ProcessPoolExecutor(max_workers=2) as pool:
+        inputs = list(pool.map(scorecard._generate, RUNS))
+    halves = [list(range(len(RUNS)))[k::2] for k in (0, 1)]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        done = pool.map(lambda ks: scorecard.replay_together([RUNS[k] for k in ks], RULES, [inputs[k] for k in ks]),
+                        halves)
+        return {r.run.name: r for rs in done for r in rs}
 
 
 def alerts(r):
@@ -90,18 +98,19 @@ def test_nan_before_a_new_process_first_scrape_fires(results):
     assert results["nan-restart"].detected
 
 
-@pytest.mark.parametrize("schedule, cause", [({"kind": "constant", "lr": 1e-3}, "stuck"),
-                                             ({"kind": "cosine", "lr": 1e-3}, "converged")])
-def test_plateau_tells_stuck_from_converged_by_the_learning_rate(tmp_path, schedule, cause):
+def test_plateau_tells_stuck_from_converged_by_the_learning_rate(tmp_path):
     # Flat from 4h: at a constant learning rate the run is stuck; at the end of a cosine it has converged.
-    run = spec("flat", duration="8h", schedule=schedule, loss={"start": 3.0, "end": 1.0, "tau": "30m", "noise": 0.05},
-               pathology={"kind": "plateau", "strength": "strong", "at": "4h"})
-    inputs = scorecard._input(scrape_series(run), {"job": "training", "namespace": "ns-a"})
-    expr = 'count by (cause) (ALERTS{alertname="TrainingPlateau", alertstate="firing"})'
+    causes = {"stuck": {"kind": "constant", "lr": 1e-3}, "converged": {"kind": "cosine", "lr": 1e-3}}
+    inputs = [x for cause, schedule in causes.items()
+              for x in scorecard._input(scrape_series(spec(cause, duration="8h", schedule=schedule, loss={
+                  "start": 3.0, "end": 1.0, "tau": "30m", "noise": 0.05},
+                  pathology={"kind": "plateau", "strength": "strong", "at": "4h"})),
+                  {"job": "training", "namespace": "ns-a", "instance": cause})]
+    expr = 'count by (run, cause) (ALERTS{alertname="TrainingPlateau", alertstate="firing"})'
     doc = {"rule_files": [str(p) for p in sorted(RULES.glob("*.rules.yml"))], "evaluation_interval": "30s",
            "tests": [{"interval": "60s", "input_series": inputs,
-                      "promql_expr_test": [{"expr": expr, "eval_time": "8h",
-                                            "exp_samples": [{"labels": f'{{cause="{cause}"}}', "value": 1}]}]}]}
+                      "promql_expr_test": [{"expr": expr, "eval_time": "8h", "exp_samples": [
+                          {"labels": f'{{run="{cause}", cause="{cause}"}}', "value": 1} for cause in causes]}]}]}
     path = tmp_path / "plateau.yml"
     path.write_text(yaml.safe_dump(doc, width=1 << 20))
     result = subprocess.run([binary("promtool"), "test", "rules", str(path)], capture_output=True, text=True)

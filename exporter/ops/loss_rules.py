@@ -43,6 +43,10 @@ def recording(t: Thresholds) -> Dict[str, str]:
         return (f"({increase('training_loss_positive_sum_total', w)}"
                 f" - {increase('training_loss_negative_sum_total', w)}) / {steps(w)}")
 
+    def std(w: str) -> str:
+        """Standard deviation of the step losses over ``w`` (sign-safe: from the squared sum and the mean)."""
+        return f"sqrt(clamp_min({squares(w)} / {steps(w)} - ({mean(w)}) ^ 2, 0))"
+
     def ladder(fast: str, slow: str, w: str, w_slow: str) -> str:
         """``fast`` where the run's mean step rate over ``w_slow`` gives at least min_steps steps per ``w``, else
         ``slow``. Judged over the slow window, so a run that stops (finished, hung) keeps its fast window instead of
@@ -69,15 +73,27 @@ def recording(t: Thresholds) -> Dict[str, str]:
         # The run's own per-step noise: standard deviation of the step losses over the trend window (a trend
         # inside the window counts as noise, which errs on the quiet side).
         "run:training_loss:noise": ladder(
-            f"sqrt(clamp_min({squares(trend)} / {steps(trend)} - ({mean(trend)}) ^ 2, 0))",
-            f"sqrt(clamp_min({squares(trend_slow)} / {steps(trend_slow)} - ({mean(trend_slow)}) ^ 2, 0))"
-            f" and on ({ids}) ({steps(trend_slow)} >= {min_steps})", "trend", "trend_slow"),
+            std(trend), f"{std(trend_slow)} and on ({ids}) ({steps(trend_slow)} >= {min_steps})", "trend", "trend_slow"),
+        # The same noise over the shortest window that holds min_steps steps: the smoothing window, else the
+        # trend ladder above. Divergence is measured in it, so a fast run's steep first minutes, or the rise
+        # itself, do not count as noise for half an hour.
+        "run:training_loss:noise_recent": ladder(std(smooth), "run:training_loss:noise", "smoothing", "trend"),
+        # The standard error of the smoothed loss (the step noise over the root of the steps it averages): the
+        # lowest smoothed loss of a lookback sits a few of these below the level by chance alone.
+        "run:training_loss:smoothed_error": ladder(
+            f"run:training_loss:noise / sqrt({steps(smooth)})", f"run:training_loss:noise / sqrt({steps(smooth_slow)})",
+            "smoothing", "smoothing_slow"),
         # The lowest smoothed loss of the lookback window: divergence is measured from it.
         "run:training_loss:best": f"""
             min_over_time(run:training_loss:smoothed[{lookback}])""",
-        # How far the loss stands above that best, in units of its per-step noise.
+        # How far the loss stands above that best, in units of its recent per-step noise.
         "run:training_loss:rise_sigmas": """
-            (run:training_loss:smoothed - run:training_loss:best) / (run:training_loss:noise > 0)""",
+            (run:training_loss:smoothed - run:training_loss:best) / (run:training_loss:noise_recent > 0)""",
+        # Change of the smoothed loss over one smoothing window (the slow one for slow runs): above 0 while the
+        # loss still rises.
+        "run:training_loss:recent_change": ladder(
+            f"run:training_loss:smoothed - run:training_loss:smoothed offset {smooth}",
+            f"run:training_loss:smoothed - run:training_loss:smoothed offset {smooth_slow}", "smoothing", "smoothing_slow"),
         # Improvement of the best smoothed loss over the plateau window against the window before, in noise units
         # (sign-safe: a difference of losses).
         "run:training_loss:improvement_sigmas": ladder(
@@ -208,14 +224,14 @@ def alerts(t: Thresholds) -> List[Alert]:
         ("TrainingDiverging", f"""
             run:training_loss:rise_sigmas > {num(t.number(dv + "rise_sigmas"))}
             and
-            run:training_loss:smoothed > run:training_loss:smoothed offset {t.duration("windows.trend")}
+            run:training_loss:recent_change > 0
             unless on ({ids})
             run:training_learning_rate:rise > {num(t.number(dv + "lr_rise"))}""",
          t.duration(dv + "for"),
          "Training loss trends upward.",
          "Run {{ $labels.run }}: the smoothed train loss stands {{ $value | humanize }} standard deviations of its "
-         "step noise above its best of the last " + lookback + ", and rose over the last "
-         + t.duration("windows.trend") + "."),
+         "recent step noise above its best of the last " + lookback + ", and rose over the last "
+         + t.duration("windows.smoothing") + " (" + t.duration("windows.smoothing_slow") + " for slow runs)."),
         ("TrainingOverfitting", f"""
             run:training_evals:since_best{{split="{split}"}} >= {num(t.number(of + "patience_evals"))}
             and on ({ids})
@@ -234,7 +250,8 @@ def alerts(t: Thresholds) -> List[Alert]:
             and on ({ids})
             run:training_loss:smoothed
               <= min_over_time(run:training_loss:smoothed[{lookback}])
-              + {num(t.number(of + "train_near_best_sigmas"))} * run:training_loss:noise""",
+              + {num(t.number(of + "train_near_best_sigmas"))} * run:training_loss:noise
+              + {num(t.number(of + "train_best_errors"))} * run:training_loss:smoothed_error""",
          t.duration(of + "for"),
          "Validation loss rises while training loss falls: overfitting.",
          "Run {{ $labels.run }}: " + split + " loss has not improved for {{ $value }} evaluations and stands above "

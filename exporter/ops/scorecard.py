@@ -57,7 +57,7 @@ class Result:
 
 
 def load_corpus(path: Path) -> List[Run]:
-    return [Run.from_dict(d) for d in yaml.safe_load(Path(path).read_text())["runs"]]
+    return [Run.from_dict(d, Path(path).parent) for d in yaml.safe_load(Path(path).read_text())["runs"]]
 
 
 def _fmt(v: Optional[float]) -> str:
@@ -75,35 +75,56 @@ def _input(series: Series, labels: Dict[str, str]) -> List[Dict[str, str]]:
     return out
 
 
-def _first_firing(rng: float, at: float, gaps: Sequence[Tuple[float, float]],
-                  by: str = "alertname, severity, namespace") -> Dict:
-    """When each alert first fired in the ``rng`` seconds before ``at``. promtool keeps evaluating the rules
-    through a simulated Prometheus outage, which a real Prometheus does not: firings inside a gap are left out."""
+def _first_firing(probe: int, rng: float, at: float, gaps: Sequence[Tuple[float, float]]) -> Dict:
+    """When each alert first fired in the ``rng`` seconds before ``at``, per run; answers carry ``probe``. promtool
+    keeps evaluating the rules through a simulated Prometheus outage, which a real Prometheus does not: firings
+    inside a gap are left out."""
     fired = 'timestamp(ALERTS{alertstate="firing", run!=""})'  # alerts about a run: not the Watchdog
     for start, end in gaps:
         fired += f" unless on () ((vector(time()) >= {start:g}) < {end:g})"
-    expr = (f"min by ({by}) (min_over_time(({fired})"
-            f"[{int(rng)}s:{EVAL_INTERVAL}s]))")
+    expr = (f"label_replace(min by (alertname, severity, namespace, run) (min_over_time(({fired})"
+            f'[{int(rng)}s:{EVAL_INTERVAL}s])), "probe", "{probe}", "", "")')
     return {"expr": expr, "eval_time": f"{int(at)}s", "exp_samples": []}
+
+
+def _generate(run: Run) -> List[Dict[str, str]]:
+    """The run's promtool input series (and its healthy twin's), on a target of its own."""
+    labels = {"job": "training", "instance": f"{run.name}:9945"}
+    inputs = _input(scrape_series(run), {**labels, "namespace": run.namespace})
+    if run.twin:
+        inputs += _input(scrape_series(run, pathology=False), {**labels, "namespace": run.twin["namespace"]})
+    return inputs
 
 
 def replay(run: Run, rule_dir: Path) -> Result:
     """Generate the run (and its twin), replay it through promtool against ``rule_dir``, and score it."""
-    labels = {"job": "training", "instance": "node-1:9945"}
-    began = time.perf_counter()
-    inputs = _input(scrape_series(run), {**labels, "namespace": run.namespace})
-    if run.twin:
-        inputs += _input(scrape_series(run, pathology=False), {**labels, "namespace": run.twin["namespace"]})
-    end = len(next(iter(inputs))["values"].split()) * run.scrape
-    gaps = [tuple(_seconds(x) for x in run.events["gap"])] if "gap" in run.events else []
-    tests = [_first_firing(end, end, gaps)]
-    if run.onset is not None:
-        tests.append(_first_firing(end - run.onset, end, gaps))
+    return replay_together([run], rule_dir)[0]
+
+
+def replay_together(runs: Sequence[Run], rule_dir: Path, generated: Optional[Sequence[List[Dict[str, str]]]] = None
+                    ) -> List[Result]:
+    """Replay runs that share a scrape interval and Prometheus gaps in one promtool test group, and score each.
+
+    Every rule aggregates by the run's identity and each run has a target of its own, so runs replayed together
+    do not meet; one promtool process evaluates the rules once per step for all of them. ``generated``: their
+    input series, when already made (``_generate``)."""
+    if len({(r.scrape, tuple(r.events.get("gap", ()))) for r in runs}) != 1:
+        raise ValueError("runs replayed together need one scrape interval and the same gaps")
+    scrape, began = runs[0].scrape, time.perf_counter()
+    inputs = list(generated) if generated is not None else [_generate(r) for r in runs]
+    gaps = [tuple(_seconds(x) for x in runs[0].events["gap"])] if "gap" in runs[0].events else []
+    probes: Dict[Tuple[float, float], int] = {}  # (range, eval time) -> probe number
+    for run, series in zip(runs, inputs):
+        end = len(series[0]["values"].split()) * scrape
+        probes.setdefault((end, end), len(probes))
+        if run.onset is not None:
+            probes.setdefault((end - run.onset, end), len(probes))
     doc = {"rule_files": sorted(str(p.resolve()) for p in Path(rule_dir).glob("*.rules.yml")),
            "evaluation_interval": f"{EVAL_INTERVAL}s",
-           "tests": [{"name": run.name, "interval": f"{int(run.scrape)}s", "input_series": inputs,
-                      "promql_expr_test": tests}]}
-    generated = time.perf_counter()
+           "tests": [{"name": ", ".join(r.name for r in runs), "interval": f"{int(scrape)}s",
+                      "input_series": [x for series in inputs for x in series],
+                      "promql_expr_test": [_first_firing(k, rng, at, gaps) for (rng, at), k in probes.items()]}]}
+    generated_at = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="scorecard-") as tmp:
         path = Path(tmp) / "replay.yml"
         path.write_text(yaml.safe_dump(doc, sort_keys=False, width=1 << 20))
@@ -111,28 +132,24 @@ def replay(run: Run, rule_dir: Path) -> Result:
                               capture_output=True, text=True)
     text = proc.stdout + proc.stderr
     import sys
-    print(f"{run.name}: generated in {generated - began:.1f} s, promtool {time.perf_counter() - generated:.1f} s",
-          file=sys.stderr)
+    print(f"{doc['tests'][0]['name']}: generated in {generated_at - began:.1f} s, promtool "
+          f"{time.perf_counter() - generated_at:.1f} s", file=sys.stderr)
     if proc.returncode != 0 and "got:" not in text:
-        raise RuntimeError(f"promtool failed on {run.name}:\n{text[-3000:]}")
-    # One "expr:" block per failing test, in order; a passing test (nothing fired) prints none.
-    blocks = {m.group(1): m.group(2) for m in re.finditer(rf"\[(\d+)s:{EVAL_INTERVAL}s\]\)\)[^\n]*\n(.*?)(?=expr:|\Z)",
-                                                          text, re.S)}
-
-    def parse(rng: float) -> Dict[Tuple[str, str, str], float]:
-        got = blocks.get(str(int(rng)), "")
-        got = got.split("got:", 1)[1] if "got:" in got else ""
-        out = {}
-        for inner, value in _GOT.findall(got):
-            lab = dict(re.findall(r'(\w+)="([^"]*)"', inner))
-            out[(lab["alertname"], lab.get("severity", ""), lab.get("namespace", ""))] = float(value)
-        return out
-
-    first = parse(end)
-    after = parse(end - run.onset) if run.onset is not None else {}
-    if run.onset is not None and end - run.onset == end:
-        after = dict(first)
-    return score(Result(run, first, after))
+        raise RuntimeError(f"promtool failed on {doc['tests'][0]['name']}:\n{text[-3000:]}")
+    # A failing probe prints what it got (a passing one, nothing fired, prints nothing): one line per alert.
+    got: Dict[Tuple[int, str], Dict[Tuple[str, str, str], float]] = {}
+    for inner, value in _GOT.findall(text):
+        lab = dict(re.findall(r'(\w+)="([^"]*)"', inner))
+        if "probe" in lab:
+            got.setdefault((int(lab["probe"]), lab["run"]), {})[
+                (lab["alertname"], lab.get("severity", ""), lab.get("namespace", ""))] = float(value)
+    results = []
+    for run, series in zip(runs, inputs):
+        end = len(series[0]["values"].split()) * scrape
+        first = got.get((probes[(end, end)], run.name), {})
+        after = got.get((probes[(end - run.onset, end)], run.name), {}) if run.onset is not None else {}
+        results.append(score(Result(run, first, after)))
+    return results
 
 
 def score(r: Result) -> Result:
@@ -212,6 +229,7 @@ def slowest_changes(t: Thresholds) -> List[str]:
     w = "windows."
     smin, trend, slow, look = (t.number(w + "min_steps"), t.duration(w + "trend"), t.duration(w + "trend_slow"),
                                t.duration(w + "lookback"))
+    smooth, smooth_slow = t.duration(w + "smoothing"), t.duration(w + "smoothing_slow")
     dv, pl = t.number("alerts.TrainingDiverging.rise_sigmas"), t.number("alerts.TrainingPlateau.improvement_sigmas")
     plw = t.seconds("alerts.TrainingPlateau.window")
     sl = t.number("alerts.TrainingLossDecreasingSlowly.improvement_sigmas")
@@ -225,11 +243,14 @@ def slowest_changes(t: Thresholds) -> List[str]:
         ("TrainingGradientExplosion", f"one step's norm above {num(t.number(ge + 'factor'))}x the mean norm of "
          f"{t.duration(w + 'baseline')}; or the mean norm x{num(t.number(ge + 'growth_factor'))} over {look}",
          f"x{t.number(ge + 'growth_factor') ** (1 / look_h):.2f} per hour"),
-        ("TrainingDiverging", f"a rise of {num(dv)} sigma above the best of {look}, still rising over {trend}",
-         f"{dv / look_h:.2f} sigma per hour"),
+        ("TrainingDiverging", f"a rise of {num(dv)} recent sigma above the best of {look}, still rising over the "
+         f"smoothing window ({smooth}; {smooth_slow} below {num(smin)} steps in {smooth}), for "
+         f"{t.duration('alerts.TrainingDiverging.for')}", f"{dv / look_h:.2f} recent sigma per hour"),
         ("TrainingOverfitting", f"val {num(100 * t.number(of + 'gap_widening'))}% of the gap and "
          f"{num(t.number(of + 'rise_noise'))} sigma above its best for "
-         f"{num(t.number(of + 'patience_evals'))} evaluations, train at its best",
+         f"{num(t.number(of + 'patience_evals'))} evaluations, train within "
+         f"{num(t.number(of + 'train_near_best_sigmas'))} sigma and {num(t.number(of + 'train_best_errors'))} "
+         "standard errors of its best",
          f"the larger of {num(100 * t.number(of + 'gap_widening'))}% of the gap and "
          f"{num(t.number(of + 'rise_noise'))} sigma in {look}"),
         ("TrainingPlateau", f"best loss improving less than {num(pl)} sigma per {t.duration('alerts.TrainingPlateau.window')}"
@@ -240,9 +261,9 @@ def slowest_changes(t: Thresholds) -> List[str]:
     ]
     lines = ["## The slowest change each rule detects", "",
              "sigma: the run's own per-step standard deviation of the train loss over the trend window ("
-             f"{trend}, or {slow} when the run's mean step rate gives fewer than {num(smin)} steps per {trend}). Per step: "
-             "divide the per-hour "
-             "figure by the steps an hour.", "",
+             f"{trend}, or {slow} when the run's mean step rate gives fewer than {num(smin)} steps per {trend}); "
+             f"recent sigma: the same over the smoothing window ({smooth}) when it holds {num(smin)} steps, else "
+             "sigma. Per step: divide the per-hour figure by the steps an hour.", "",
              "| alert | fires on | slowest change detected |", "| --- | --- | --- |"]
     lines += [f"| {a} | {what} | {slowest} |" for a, what, slowest in rows]
     return lines + [""]
@@ -283,7 +304,6 @@ def stats(results: List[Result]) -> Dict[str, float]:
 
 # --------------------------------------------------------------------------------------------- lifecycle rows
 Firing = Dict[Tuple[str, str, str, str], float]  # (alert, severity, namespace, run) -> first firing (s)
-_BY_RUN = "alertname, severity, namespace, run"
 
 
 @dataclass
@@ -337,7 +357,7 @@ def _promtool_firing(name: str, inputs: List[Dict[str, str]], interval: float, r
     doc = {"rule_files": sorted(str(p.resolve()) for p in Path(rule_dir).glob("*.rules.yml")),
            "evaluation_interval": f"{EVAL_INTERVAL}s",
            "tests": [{"name": name, "interval": f"{int(interval)}s", "input_series": inputs,
-                      "promql_expr_test": [_first_firing(rng, at, [], _BY_RUN) for rng in ranges]}]}
+                      "promql_expr_test": [_first_firing(i, rng, at, []) for i, rng in enumerate(ranges)]}]}
     with tempfile.TemporaryDirectory(prefix="scorecard-") as tmp:
         path = Path(tmp) / "replay.yml"
         path.write_text(yaml.safe_dump(doc, sort_keys=False, width=1 << 20))

@@ -8,9 +8,11 @@ exposition (``generate_latest``) at every scrape. So the series are exactly what
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, TextIO, Tuple
 
 import numpy as np
@@ -46,9 +48,11 @@ class Run:
     namespace: str = "ns-a"
     twin: Optional[Mapping[str, Any]] = None  # a second run with the same name in another namespace
     expect: Tuple[str, ...] = ()  # a lifecycle row's alerts: each must fire for this run, no other may
+    recorded: Optional[Path] = None  # a real training's recording, replayed instead of shaped curves
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "Run":
+    def from_dict(cls, d: Mapping[str, Any], root: Optional[Path] = None) -> "Run":
+        """A run as the corpus file writes it; ``recorded: NAME`` names ``<root>/recorded/NAME.json``."""
         m = _RATE.match(str(d["rate"]))
         if m is None:
             raise ValueError(f"{d['name']}: rate must read like 1/min, 1/s or 50/s, got {d['rate']!r}")
@@ -58,7 +62,8 @@ class Run:
                    scrape=_seconds(d["scrape"]), duration=_seconds(d["duration"]), eval_steps=steps,
                    eval_seconds=None if steps else _seconds(every), loss=d.get("loss", {}), grad=d.get("grad", {}),
                    schedule=d.get("schedule", {}), pathology=d.get("pathology"), events=d.get("events", {}),
-                   namespace=d.get("namespace", "ns-a"), twin=d.get("twin"), expect=tuple(d.get("expect", ())))
+                   namespace=d.get("namespace", "ns-a"), twin=d.get("twin"), expect=tuple(d.get("expect", ())),
+                   recorded=Path(root or ".") / "recorded" / f"{d['recorded']}.json" if "recorded" in d else None)
 
     @property
     def onset(self) -> Optional[float]:
@@ -102,8 +107,30 @@ def _lr(run: Run, t: np.ndarray) -> np.ndarray:
     return lr
 
 
+def recording(run: Run) -> Dict[str, Any]:
+    """The real training ``run`` replays, checked against its cadence."""
+    rec = json.loads(Path(run.recorded).read_text())
+    if int(run.duration * run.rate) > rec["steps"] or run.eval_steps != rec["eval_every"]:
+        raise ValueError(f"{run.name}: its recording has {rec['steps']} steps evaluated every {rec['eval_every']}; "
+                         f"the run needs {int(run.duration * run.rate)} evaluated every {run.eval_steps}")
+    return rec
+
+
+def _recorded(run: Run) -> Dict[str, np.ndarray]:
+    """The curves of a real training: every step's values as recorded, each evaluation's from its step on."""
+    rec = recording(run)
+    n = int(run.duration * run.rate)
+    at = np.searchsorted(np.asarray(rec["eval_step"]) - 1, np.arange(n), side="right") - 1  # latest eval so far
+    held = lambda xs: np.where(at >= 0, np.asarray(xs)[np.maximum(at, 0)], math.nan)  # noqa: E731
+    return {"t": np.arange(n) / run.rate, "loss": np.asarray(rec["loss"][:n]), "grad": np.asarray(rec["grad_norm"][:n]),
+            "lr": np.asarray(rec["lr"][:n]), "val": held(rec["eval_loss"]), "accuracy": held(rec["eval_accuracy"]),
+            "scale": np.array(1.0)}
+
+
 def curves(run: Run) -> Dict[str, np.ndarray]:
-    """Per-step train loss, gradient norm and learning rate, and the noise-free train level (for evaluations)."""
+    """Per-step train loss, gradient norm and learning rate, and the noise-free val loss (for evaluations)."""
+    if run.recorded is not None:
+        return _recorded(run)
     rng = np.random.default_rng(run.seed)
     n = int(run.duration * run.rate)
     t = np.arange(n) / run.rate
@@ -128,6 +155,7 @@ def curves(run: Run) -> Dict[str, np.ndarray]:
     if p is not None and p["kind"] == "nan":
         out["loss"][out.pop("nan")] = math.nan
     out["scale"] = np.array(scale)
+    out["val"] = out["level"] + float(L.get("gap", 0.1)) * scale + out.pop("val_rise", 0.0)
     return out
 
 
@@ -232,9 +260,10 @@ def scrape_series(run: Run, name: Optional[str] = None, pathology: bool = True, 
     clock = _Clock(origin)
     rows: List[Optional[Dict[str, float]]] = []
     loss, grad, lr, t = c["loss"].tolist(), c["grad"].tolist(), c["lr"].tolist(), c["t"].tolist()
-    val = c["level"] + float(run.loss.get("gap", 0.1)) * float(c["scale"]) + c.get("val_rise", 0.0)
+    val, accuracy = c["val"], c.get("accuracy")
     eval_rng = np.random.default_rng(run.seed + 1)
-    eval_noise = float(run.loss.get("eval_noise", 0.005)) * float(c["scale"])
+    # A recorded evaluation is real: it gets no noise added.
+    eval_noise = 0.0 if run.recorded else float(run.loss.get("eval_noise", 0.005)) * float(c["scale"])
     with _simulated(clock):
         exp = TrainingExporter(run=name or run.name, port=0, addr="127.0.0.1", registry=CollectorRegistry())
         alive, next_eval, i = True, run.eval_interval, 0
@@ -253,7 +282,8 @@ def scrape_series(run: Run, name: Optional[str] = None, pathology: bool = True, 
                     if alive:
                         exp.log_step(loss[i], grad_norm=grad[i], lr=lr[i], step=i + 1, samples=32)
                         if t[i] + 1e-9 >= next_eval:
-                            exp.log_eval("val", loss=float(val[i] + eval_rng.normal(0, eval_noise)), step=i + 1)
+                            exp.log_eval("val", loss=float(val[i] + eval_rng.normal(0, eval_noise)), step=i + 1,
+                                         metrics=None if accuracy is None else {"accuracy": float(accuracy[i])})
                             next_eval += run.eval_interval
                     i += 1
                 clock.now = at
