@@ -48,12 +48,14 @@ def recording(t: Thresholds) -> Dict[str, str]:
         return f"sqrt(clamp_min({squares(w)} / {steps(w)} - ({mean(w)}) ^ 2, 0))"
 
     def ladder(fast: str, slow: str, w: str, w_slow: str) -> str:
-        """``fast`` where the run's mean step rate over ``w_slow`` gives at least min_steps steps per ``w``, else
-        ``slow``. Judged over the slow window, so a run that stops (finished, hung) keeps its fast window instead of
-        switching to a longer mean of older steps."""
+        """``fast`` where the run's mean step rate over ``w_slow`` gave at least min_steps steps per ``w`` at any
+        time in the last ``w_slow``, else ``slow``. A run that stops (finished, hung, paused for an evaluation
+        outside a phase) keeps its fast window, which empties (no value, no verdict), instead of switching to a
+        longer mean of older, higher losses that reads as a rise."""
         ratio = num(t.seconds(f"windows.{w_slow}") / t.seconds(f"windows.{w}") * t.number("windows.min_steps"))
+        window = t.duration("windows." + w_slow)
         return f"""
-            ({fast}) and on ({ids}) ({steps(t.duration("windows." + w_slow))} >= {ratio})
+            ({fast}) and on ({ids}) (max_over_time({steps(window)}[{window}]) >= {ratio})
             or
             ({slow})"""
 
