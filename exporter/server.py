@@ -28,10 +28,10 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from prometheus_client import CollectorRegistry
-from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import Metric
 
 from . import runtime
+from .exposition import choose_encoder
 
 WORKERS = 4  # threads that answer scrapes; Prometheus servers scrape a target one request at a time each
 QUEUED = 16  # accepted connections waiting for a worker; more are closed at once
