@@ -10,6 +10,8 @@ them (``registry.get_sample_value``, prometheus_client's own encoders).
 from __future__ import annotations
 
 import functools
+import math
+import operator
 from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from prometheus_client import exposition as client_exposition
@@ -78,8 +80,11 @@ class FamilyFormat:
         help_text = documentation.replace("\\", r"\\").replace("\n", r"\n")
         self.text_header = f"# HELP {text_name} {help_text}\n# TYPE {text_name} {typ}\n"
         self.openmetrics_header = f"# HELP {self.name} {_label_value(documentation)}\n# TYPE {self.name} {typ}\n"
-        self._order = sorted(range(len(self.labelnames)), key=self.labelnames.__getitem__)
+        self._label_order = sorted(range(len(self.labelnames)), key=self.labelnames.__getitem__)
         self._prefixes: Dict[object, Tuple[str, ...]] = {}
+        self._lines: Dict[object, Tuple[float, float, str]] = {}  # key -> (value, its sign, its line)
+        self._order: Optional[Tuple[set, list]] = None  # the keys of the last render, as a set and sorted
+        self._last: Optional[Tuple[list, list, List[str], list]] = None  # its keys, values, lines, sorted keys
 
     def _labels(self, key: object) -> Tuple[str, ...]:
         return self.base + (key if isinstance(key, tuple) else (key,))
@@ -89,7 +94,7 @@ class FamilyFormat:
         values = self._labels(key)
         if len(values) != len(self.labelnames):
             raise ValueError(f"{self.name}: {len(values)} label values for labels {self.labelnames}")
-        inner = ",".join(f'{self.labelnames[i]}="{_label_value(values[i])}"' for i in self._order)
+        inner = ",".join(f'{self.labelnames[i]}="{_label_value(values[i])}"' for i in self._label_order)
         labels = "{" + inner + "}" if inner else ""
         prefix = tuple(f"{name}{labels} " for name in self.sample_names)
         self._prefixes[key] = prefix
@@ -97,24 +102,40 @@ class FamilyFormat:
 
     def render(self, values: Mapping[object, object]) -> RenderedFamily:
         """The family with one series per item of ``values`` (a number, or ``(count, sum)`` for a summary), in
-        the order of their keys."""
-        items = sorted(values.items()) if len(values) > 1 else list(values.items())
+        the order of their keys; ``values`` must not change afterwards (its samples are built from it on demand)."""
+        last = self._last  # each cache is one tuple, read once: concurrent scrapes see consistent parts
+        # The same key and value objects as last time (the caller's copies share them): nothing changed.
+        if (last is not None and len(values) == len(last[0]) and all(map(operator.is_, values, last[0]))
+                and all(map(operator.is_, values.values(), last[1]))):
+            return RenderedFamily(self, last[2], functools.partial(self._samples, values, last[3]))
+        order = self._order
+        if order is None or values.keys() != order[0]:
+            order = self._order = (set(values), sorted(values))
         prefixes = self._prefixes
         lines: List[str] = []
         if self.type == "summary":
-            for key, (count, total) in items:
+            for key in order[1]:
+                count, total = values[key]
                 count_prefix, sum_prefix = prefixes.get(key) or self._prefix(key)
                 lines.append(f"{count_prefix}{floatToGoString(count)}\n")
                 lines.append(f"{sum_prefix}{floatToGoString(total)}\n")
         else:
-            for key, value in items:
-                prefix = prefixes.get(key) or self._prefix(key)
-                lines.append(f"{prefix[0]}{floatToGoString(value)}\n")
-        return RenderedFamily(self, lines, functools.partial(self._samples, items))
+            cached = self._lines
+            for key in order[1]:
+                value = values[key]
+                line = cached.get(key)
+                # A value that did not change keeps its line; 0.0 and -0.0 are equal but written apart.
+                if line is None or line[0] != value or (value == 0 and math.copysign(1, value) != line[1]):
+                    prefix = prefixes.get(key) or self._prefix(key)
+                    line = cached[key] = (value, math.copysign(1, value), f"{prefix[0]}{floatToGoString(value)}\n")
+                lines.append(line[2])
+        self._last = (list(values), list(values.values()), lines, order[1])
+        return RenderedFamily(self, lines, functools.partial(self._samples, values, order[1]))
 
-    def _samples(self, items: List[Tuple[object, object]]) -> List[Sample]:
+    def _samples(self, values: Mapping[object, object], keys: List[object]) -> List[Sample]:
         samples = []
-        for key, value in items:
+        for key in keys:
+            value = values[key]
             labels = dict(zip(self.labelnames, self._labels(key)))
             pairs = zip(self.sample_names, value) if self.type == "summary" else ((self.sample_names[0], value),)
             samples.extend(Sample(name, labels, v, None, None, None) for name, v in pairs)

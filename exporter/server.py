@@ -212,7 +212,8 @@ class _Handler(BaseHTTPRequestHandler):
         body, content_type, served = owner.exposition(self.headers.get("Accept"))
         headers = {}
         if "gzip" in (self.headers.get("Accept-Encoding") or ""):
-            body, headers["Content-Encoding"] = gzip.compress(body), "gzip"
+            # Level 1: the default 9 takes 6 times the CPU (19 ms for 10,000 series) for a body 6% smaller.
+            body, headers["Content-Encoding"] = gzip.compress(body, compresslevel=1), "gzip"
         self._reply(200, body, content_type, headers)
         owner.scraped(served)
 

@@ -74,6 +74,23 @@ def test_exposition_is_byte_identical_to_prometheus_client(busy, accept):
     assert ours(frozen).decode() == theirs(frozen).decode()
 
 
+def test_cached_lines_follow_every_change(make_exporter):
+    """Lines are reused while their values hold: a value that changes, turns from 0.0 to -0.0 or to NaN and back,
+    a new series, are each written as prometheus_client writes them."""
+    exp = make_exporter(registry=None)
+    ours, _ = choose_encoder("")
+    changes = [{"a": 0.0, "b": 1.0}, {"a": -0.0}, {"a": -0.0}, {"a": float("nan")}, {"a": float("nan")},
+               {"a": 0.0, "b": 2}, {"c": 1e-7}, {"c": 1e-7, "b": 2.0}]
+    for metrics in changes:
+        exp.log_eval("val", metrics=metrics)
+        for _ in range(2):
+            frozen = Frozen(exp.registry)
+            assert ours(frozen) == client_exposition.generate_latest(frozen), metrics
+    text = ours(Frozen(exp.registry)).decode()
+    assert 'training_eval_metric{metric="a",rank="0",run="test-run",split="val"} 0.0\n' in text
+    assert 'training_eval_metric{metric="c",rank="0",run="test-run",split="val"} 1e-07\n' in text
+
+
 @pytest.mark.parametrize("openmetrics", [False, True])
 def test_parsed_exposition_gives_every_sample(busy, openmetrics):
     frozen = Frozen(busy.registry)

@@ -1,0 +1,199 @@
+"""What a scrape costs: the exposition's render time at three sizes, and the training thread's step time while
+Prometheus scrapes once a second, printed as tables.
+
+    python benchmarks/scrape_cost.py [--rounds 5] [--seconds 10] [--renders 200]
+
+Render table: one exporter per size, rendered as ``/metrics`` renders it (the device reads landed, every family
+collected and encoded); median and 90th percentile over ``renders`` renders per format, the body's size, the time
+of a whole HTTP GET on loopback as Prometheus sends it (OpenMetrics, gzip), and prometheus_client's own encoder
+over the same state and over labelled ``Gauge`` series of the same count, for comparison. Sizes: the defaults
+(``watch(model, optimizer)`` on a transformer, ``log_step``, ``log_eval`` with three metrics), then 1,000 and 10,000
+series of evaluation metrics (``max_eval_series``; 8 and 16 splits).
+
+Step table: a thread makes 1 ms pure-Python steps with ``log_step`` each; another process scrapes the exporter
+once a second over HTTP (paused by SIGSTOP between its phases). Phases without and with the scraper alternate in
+``rounds`` rounds of ``seconds`` each; the table gives the median over rounds of each phase's step-time
+percentiles, with the range over rounds, then the p99 increase of each round's scraped phase over its quiet one.
+"""
+import argparse
+import gzip
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+
+import torch
+from prometheus_client import CollectorRegistry, Gauge, generate_latest
+from torch import nn
+
+from exporter import TrainingExporter
+from exporter.exposition import choose_encoder
+
+TEXT = "text/plain; version=0.0.4"
+OPENMETRICS = "application/openmetrics-text; version=1.0.0"
+# What Prometheus 2.x and 3.x send by default.
+PROMETHEUS_ACCEPT = ("application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,"
+                     "text/plain;version=0.0.4;q=0.5,*/*;q=0.1")
+
+SCRAPER = """
+import sys, time, urllib.request
+url, accept, every = sys.argv[1], sys.argv[2], float(sys.argv[3])
+request = urllib.request.Request(url, headers={"Accept": accept, "Accept-Encoding": "gzip"})
+next_at = time.monotonic()
+while True:
+    urllib.request.urlopen(request, timeout=10).read()
+    next_at = max(next_at + every, time.monotonic())  # after a SIGSTOP: no burst to catch up
+    time.sleep(max(0.0, next_at - time.monotonic()))
+"""
+
+
+def exporter_with(series: str) -> TrainingExporter:
+    """An exporter in one of the benchmark's configurations, after a few training steps and evaluations."""
+    splits, metrics = {"default": (1, 3), "1k": (8, 125), "10k": (16, 625)}[series]
+    exp = TrainingExporter(run=f"scrape-cost-{series}", port=0, addr="127.0.0.1", close_timeout=0,
+                           max_eval_series=splits * metrics, config={"lr": 3e-4, "batch_size": 32, "model": "tiny"})
+    layer = nn.TransformerEncoderLayer(256, 4, 1024, batch_first=True)
+    model = nn.Sequential(nn.Embedding(1000, 256), nn.TransformerEncoder(layer, 6), nn.Linear(256, 1000))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4)
+    exp.watch(model, optimizer)
+    tokens = torch.randint(0, 1000, (4, 32))
+    for _ in range(3):
+        loss = nn.functional.cross_entropy(model(tokens).flatten(0, 1), tokens.flatten())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        exp.log_step(loss=loss, samples=4)
+    names = ["accuracy", "f1", "auc"] if metrics == 3 else [f"class_{i:03d}_recall" for i in range(metrics)]
+    for s in range(splits):
+        exp.log_eval("val" if s == 0 else f"val_{s}", loss=2.0 + s, metrics={n: 0.5 + i * 1e-4 for i, n in
+                                                                               enumerate(names)})
+    exp.log_step(loss=1.0)
+    return exp
+
+
+def timed(fn, n: int) -> list:
+    times = []
+    for _ in range(n):
+        started = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - started) * 1e3)
+    return times
+
+
+def med_p90(times: list) -> str:
+    times = sorted(times)
+    return f"{statistics.median(times):.2f} / {times[int(0.9 * (len(times) - 1))]:.2f}"
+
+
+def gauges_like(count: int) -> CollectorRegistry:
+    """prometheus_client's labelled gauges: ``count`` series, as an exporter built on them would serve."""
+    registry = CollectorRegistry()
+    gauge = Gauge("training_eval_metric", "Task metrics.", ["run", "rank", "split", "metric"], registry=registry)
+    for i in range(count):
+        gauge.labels("scrape-cost", "0", f"val_{i % 16}", f"class_{i // 16:04d}_recall").set(0.5 + i * 1e-4)
+    return registry
+
+
+def render_table(renders: int) -> None:
+    print("| series | text ms (median / p90) | OpenMetrics ms | text bytes | HTTP GET ms (OpenMetrics, gzip) | "
+          "prometheus_client encoder, same state | prometheus_client labelled Gauges, same count |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for series in ("default", "1k", "10k"):
+        exp = exporter_with(series)
+        n = renders if series != "10k" else max(20, renders // 5)
+        text_encoder, _ = choose_encoder(TEXT)
+        om_encoder, _ = choose_encoder(OPENMETRICS)
+        body = text_encoder(exp.registry)
+        count = sum(1 for line in body.decode().splitlines() if line and not line.startswith("#"))
+        text_ms = timed(lambda: text_encoder(exp.registry), n)
+        om_ms = timed(lambda: om_encoder(exp.registry), n)
+        request = urllib.request.Request(f"http://127.0.0.1:{exp.port}/metrics",
+                                         headers={"Accept": PROMETHEUS_ACCEPT, "Accept-Encoding": "gzip"})
+        get_ms = timed(lambda: gzip.decompress(urllib.request.urlopen(request, timeout=10).read()), n)
+        client_ms = timed(lambda: generate_latest(exp.registry), max(10, n // 4))
+        gauges = gauges_like(count)
+        gauges_ms = timed(lambda: generate_latest(gauges), max(10, n // 4))
+        print(f"| {count:,} ({series}) | {med_p90(text_ms)} | {med_p90(om_ms)} | {len(body):,} | {med_p90(get_ms)} | "
+              f"{med_p90(client_ms)} | {med_p90(gauges_ms)} |")
+        exp.close(stop_server=True)
+
+
+def busy_steps(exp: TrainingExporter, seconds: float) -> list:
+    """1 ms pure-Python steps, each ending with ``log_step``: the step times in ms."""
+    times = []
+    end = time.perf_counter() + seconds
+    step = 0
+    while time.perf_counter() < end:
+        started = time.perf_counter()
+        while time.perf_counter() - started < 1e-3:
+            pass
+        step += 1
+        exp.log_step(loss=1.0 / step, samples=32)
+        times.append((time.perf_counter() - started) * 1e3)
+    return times
+
+
+def percentile(times: list, q: float) -> float:
+    times = sorted(times)
+    return times[min(len(times) - 1, int(q * len(times)))]
+
+
+def step_table(rounds: int, seconds: float) -> None:
+    print("| exposition | scraper | steps | p50 ms | p99 ms (range over rounds) | p99.9 ms | max ms |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    increases = {}
+    for series in ("default", "10k"):
+        exp = exporter_with(series)
+        url = f"http://127.0.0.1:{exp.port}/metrics"
+        phases = {"none": [], "1/s": []}
+        # Started once and paused between its phases, so that no phase pays for an interpreter's start.
+        scraper = subprocess.Popen([sys.executable, "-c", SCRAPER, url, PROMETHEUS_ACCEPT, "1"])
+        try:
+            time.sleep(2)
+            busy_steps(exp, 2)  # warm-up, scraped
+            for _ in range(rounds):
+                scraper.send_signal(signal.SIGSTOP)
+                phases["none"].append(busy_steps(exp, seconds))
+                scraper.send_signal(signal.SIGCONT)
+                phases["1/s"].append(busy_steps(exp, seconds))
+            if scraper.poll() is not None:
+                raise RuntimeError(f"the scraper ended early (exit status {scraper.returncode})")
+        finally:
+            scraper.kill()
+            scraper.wait()
+        for name, runs in phases.items():
+            p50 = [percentile(r, 0.5) for r in runs]
+            p99 = [percentile(r, 0.99) for r in runs]
+            p999 = [percentile(r, 0.999) for r in runs]
+            print(f"| {series} | {name} | {sum(map(len, runs)):,} | {statistics.median(p50):.3f} | "
+                  f"{statistics.median(p99):.3f} ({min(p99):.3f}-{max(p99):.3f}) | {statistics.median(p999):.3f} | "
+                  f"{max(max(r) for r in runs):.2f} |")
+        increases[series] = [percentile(b, 0.99) - percentile(a, 0.99) for a, b in zip(phases["none"], phases["1/s"])]
+        exp.close(stop_server=True)
+    for series, up in increases.items():
+        print(f"p99 increase with one scrape a second, {series}: median {statistics.median(up):+.3f} ms over "
+              f"{len(up)} rounds (range {min(up):+.3f} to {max(up):+.3f} ms)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--seconds", type=float, default=10)
+    parser.add_argument("--renders", type=int, default=200)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor())
+    print(f"{time.strftime('%Y-%m-%d', time.gmtime())}; {cpu}, {os.cpu_count()} CPUs; Python "
+          f"{platform.python_version()}, torch {torch.__version__}")
+    render_table(args.renders)
+    print()
+    step_table(args.rounds, args.seconds)
+
+
+if __name__ == "__main__":
+    main()
