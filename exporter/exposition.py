@@ -69,7 +69,6 @@ class FamilyFormat:
         self.documentation = documentation
         self.labelnames = tuple(labelnames)
         self.base = tuple(base)
-        self.extra = len(self.labelnames) - len(self.base)
         if typ == "counter":
             self.sample_names: Tuple[str, ...] = (self.name + "_total",)
         elif typ == "summary":
@@ -177,7 +176,9 @@ def choose_encoder(accept: Optional[str]) -> Tuple[Callable[[Collector], bytes],
     """prometheus_client's content negotiation (text 0.0.4 or 1.0.0, OpenMetrics, name escaping) with an encoder
     that copies the text of ``RenderedFamily`` and formats other families as prometheus_client does."""
     fallback, content_type = client_exposition.choose_encoder(accept or "")
-    escaping = content_type.rpartition("escaping=")[2] if "escaping=" in content_type else client_openmetrics.UNDERSCORES
+    _, named, escaping = content_type.rpartition("escaping=")
+    if not named:
+        escaping = client_openmetrics.UNDERSCORES
     if escaping not in _NAMES_KEPT:
         return fallback, content_type  # names are rewritten (dots, values): prometheus_client does it all
     openmetrics = content_type.startswith("application/openmetrics-text")
