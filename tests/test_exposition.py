@@ -6,6 +6,7 @@ import urllib.request
 
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 from prometheus_client import CollectorRegistry, exposition as client_exposition
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 from prometheus_client.parser import text_string_to_metric_families as parse_text
@@ -89,6 +90,30 @@ def test_cached_lines_follow_every_change(make_exporter):
     text = ours(Frozen(exp.registry)).decode()
     assert 'training_eval_metric{metric="a",rank="0",run="test-run",split="val"} 0.0\n' in text
     assert 'training_eval_metric{metric="c",rank="0",run="test-run",split="val"} 1e-07\n' in text
+
+
+odd_text = st.text(st.characters(codec="utf-8"), min_size=1, max_size=200)
+
+
+@settings(max_examples=25, deadline=None)
+@given(splits=st.lists(odd_text, min_size=1, max_size=8), names=st.lists(odd_text, min_size=1, max_size=20),
+       config=st.dictionaries(odd_text, st.one_of(odd_text, st.floats(), st.integers()), max_size=20),
+       values=st.lists(st.floats(), min_size=1, max_size=20), accept=st.sampled_from(ACCEPT))
+def test_odd_labels_and_values_are_written_as_prometheus_client_writes_them(splits, names, config, values, accept):
+    exp = TrainingExporter(run="odd", port=0, addr="127.0.0.1", registry=CollectorRegistry(), config=config,
+                           close_timeout=0)
+    try:
+        for i, split in enumerate(s for s in splits if s != "train"):
+            exp.log_eval(split, loss=values[i % len(values)],
+                         metrics={name: values[(i + j) % len(values)] for j, name in enumerate(names)})
+        for v in values:
+            exp.log_step(loss=v, grad_norm=v)
+        ours, _ = choose_encoder(accept)
+        theirs, _ = client_exposition.choose_encoder(accept)
+        frozen = Frozen(exp.registry)
+        assert ours(frozen) == theirs(frozen)
+    finally:
+        exp.close(stop_server=True)
 
 
 @pytest.mark.parametrize("openmetrics", [False, True])
