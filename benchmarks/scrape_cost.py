@@ -1,7 +1,7 @@
 """What a scrape costs: the exposition's render time at three sizes, and the training thread's step time while
 Prometheus scrapes once a second, printed as tables.
 
-    python benchmarks/scrape_cost.py [--rounds 5] [--seconds 10] [--renders 200]
+    python benchmarks/scrape_cost.py [--rounds 30] [--seconds 2] [--renders 200]
 
 Render table: one exporter per size, rendered as ``/metrics`` renders it (the device reads landed, every family
 collected and encoded); median and 90th percentile over ``renders`` renders per format, the body's size, the time
@@ -11,9 +11,10 @@ over the same state and over labelled ``Gauge`` series of the same count, for co
 series of evaluation metrics (``max_eval_series``; 8 and 16 splits).
 
 Step table: a thread makes 1 ms pure-Python steps with ``log_step`` each; another process scrapes the exporter
-once a second over HTTP (paused by SIGSTOP between its phases). Phases without and with the scraper alternate in
-``rounds`` rounds of ``seconds`` each; the table gives the median over rounds of each phase's step-time
-percentiles, with the range over rounds, then the p99 increase of each round's scraped phase over its quiet one.
+once a second over HTTP (paused by SIGSTOP between its phases). Phases without and with the scraper alternate, in
+``rounds`` rounds of two phases of ``seconds`` each, so that both see the same noise from the rest of the machine;
+the table gives the percentiles of the step times of all phases of each kind, then the p99 increase over all
+steps and the median and quartiles of each round's increase.
 """
 import argparse
 import gzip
@@ -164,8 +165,7 @@ def percentile(times: list, q: float) -> float:
 
 
 def step_table(rounds: int, seconds: float) -> None:
-    print("| exposition | scraper | steps | p50 ms | p99 ms (range over rounds) | p99.9 ms | max ms | "
-          "steps over 2 ms |")
+    print("| exposition | scraper | steps | p50 ms | p99 ms | p99.9 ms | max ms | steps over 2 ms |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     increases = {}
     for series in ("default", "10k"):
@@ -177,34 +177,35 @@ def step_table(rounds: int, seconds: float) -> None:
         try:
             time.sleep(2)
             busy_steps(exp, 2)  # warm-up, scraped
-            for _ in range(rounds):
-                scraper.send_signal(signal.SIGSTOP)
-                phases["none"].append(busy_steps(exp, seconds))
-                scraper.send_signal(signal.SIGCONT)
-                phases["1/s"].append(busy_steps(exp, seconds))
+            for i in range(rounds):
+                # Short phases, in alternating order: both see the same noise from the rest of the machine.
+                for name in (("none", "1/s") if i % 2 == 0 else ("1/s", "none")):
+                    scraper.send_signal(signal.SIGSTOP if name == "none" else signal.SIGCONT)
+                    phases[name].append(busy_steps(exp, seconds))
             if scraper.poll() is not None:
                 raise RuntimeError(f"the scraper ended early (exit status {scraper.returncode})")
         finally:
             scraper.kill()
             scraper.wait()
-        for name, runs in phases.items():
-            p50 = [percentile(r, 0.5) for r in runs]
-            p99 = [percentile(r, 0.99) for r in runs]
-            p999 = [percentile(r, 0.999) for r in runs]
-            print(f"| {series} | {name} | {sum(map(len, runs)):,} | {statistics.median(p50):.3f} | "
-                  f"{statistics.median(p99):.3f} ({min(p99):.3f}-{max(p99):.3f}) | {statistics.median(p999):.3f} | "
-                  f"{max(max(r) for r in runs):.2f} | {sum(t > 2 for r in runs for t in r):,} |")
-        increases[series] = [percentile(b, 0.99) - percentile(a, 0.99) for a, b in zip(phases["none"], phases["1/s"])]
+        pooled = {name: [t for r in runs for t in r] for name, runs in phases.items()}
+        for name, times in pooled.items():
+            print(f"| {series} | {name} | {len(times):,} | {percentile(times, 0.5):.3f} | "
+                  f"{percentile(times, 0.99):.3f} | {percentile(times, 0.999):.3f} | {max(times):.2f} | "
+                  f"{sum(t > 2 for t in times):,} |")
+        increases[series] = (percentile(pooled["1/s"], 0.99) - percentile(pooled["none"], 0.99),
+                             [percentile(b, 0.99) - percentile(a, 0.99) for a, b in zip(phases["none"], phases["1/s"])])
         exp.close(stop_server=True)
-    for series, up in increases.items():
-        print(f"p99 increase with one scrape a second, {series}: median {statistics.median(up):+.3f} ms over "
-              f"{len(up)} rounds (range {min(up):+.3f} to {max(up):+.3f} ms)")
+    for series, (pooled, rounds_up) in increases.items():
+        quartiles = statistics.quantiles(rounds_up, n=4)
+        print(f"p99 increase with one scrape a second, {series}: {pooled:+.3f} ms over all steps; per round median "
+              f"{statistics.median(rounds_up):+.3f} ms, quartiles {quartiles[0]:+.3f} to {quartiles[2]:+.3f} ms "
+              f"({len(rounds_up)} rounds)")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--seconds", type=float, default=10)
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--seconds", type=float, default=2)
     parser.add_argument("--renders", type=int, default=200)
     args = parser.parse_args()
     torch.set_num_threads(1)
