@@ -14,7 +14,8 @@ Step table: a thread makes 1 ms pure-Python steps with ``log_step`` each; anothe
 once a second over HTTP (paused by SIGSTOP between its phases). Phases without and with the scraper alternate, in
 ``rounds`` rounds of two phases of ``seconds`` each, so that both see the same noise from the rest of the machine;
 the table gives the percentiles of the step times of all phases of each kind, then the p99 increase over all
-steps and the median and quartiles of each round's increase.
+steps and the median and quartiles of each round's increase, and the CPU time the exporter's server threads spent
+per scrape (the most a scrape can hold the GIL from the training thread).
 """
 import argparse
 import gzip
@@ -24,11 +25,13 @@ import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 
 import torch
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
+from prometheus_client.registry import Collector
 from torch import nn
 
 from exporter import TrainingExporter
@@ -164,24 +167,47 @@ def percentile(times: list, q: float) -> float:
     return times[min(len(times) - 1, int(q * len(times)))]
 
 
+class Scrapes(Collector):
+    """Counts the scrapes of the registry it joins (one ``collect`` each), adding no series."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def collect(self) -> list:
+        self.count += 1
+        return []
+
+
+def server_cpu_seconds() -> float:
+    """CPU time of the exporter's server threads (accepting, rendering, compressing, sending) so far."""
+    return sum(time.clock_gettime(time.pthread_getcpuclockid(t.ident)) for t in threading.enumerate()
+               if t.name.startswith("metrics-"))
+
+
 def step_table(rounds: int, seconds: float) -> None:
     print("| exposition | scraper | steps | p50 ms | p99 ms | p99.9 ms | max ms | steps over 2 ms |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-    increases = {}
+    increases, cpus = {}, {}
     for series in ("default", "10k"):
         exp = exporter_with(series)
         url = f"http://127.0.0.1:{exp.port}/metrics"
         phases = {"none": [], "1/s": []}
+        scrapes = Scrapes()
+        exp.registry.register(scrapes)
+        cpu = {"none": 0.0, "1/s": 0.0}
         # Started once and paused between its phases, so that no phase pays for an interpreter's start.
         scraper = subprocess.Popen([sys.executable, "-c", SCRAPER, url, PROMETHEUS_ACCEPT, "1"])
         try:
             time.sleep(2)
             busy_steps(exp, 2)  # warm-up, scraped
+            scrapes.count = 0
             for i in range(rounds):
                 # Short phases, in alternating order: both see the same noise from the rest of the machine.
                 for name in (("none", "1/s") if i % 2 == 0 else ("1/s", "none")):
                     scraper.send_signal(signal.SIGSTOP if name == "none" else signal.SIGCONT)
+                    started = server_cpu_seconds()
                     phases[name].append(busy_steps(exp, seconds))
+                    cpu[name] += server_cpu_seconds() - started
             if scraper.poll() is not None:
                 raise RuntimeError(f"the scraper ended early (exit status {scraper.returncode})")
         finally:
@@ -192,6 +218,7 @@ def step_table(rounds: int, seconds: float) -> None:
             print(f"| {series} | {name} | {len(times):,} | {percentile(times, 0.5):.3f} | "
                   f"{percentile(times, 0.99):.3f} | {percentile(times, 0.999):.3f} | {max(times):.2f} | "
                   f"{sum(t > 2 for t in times):,} |")
+        cpus[series] = (scrapes.count, cpu["1/s"] - cpu["none"])  # less what the server spends idle
         increases[series] = (percentile(pooled["1/s"], 0.99) - percentile(pooled["none"], 0.99),
                              [percentile(b, 0.99) - percentile(a, 0.99) for a, b in zip(phases["none"], phases["1/s"])])
         exp.close(stop_server=True)
@@ -200,6 +227,9 @@ def step_table(rounds: int, seconds: float) -> None:
         print(f"p99 increase with one scrape a second, {series}: {pooled:+.3f} ms over all steps; per round median "
               f"{statistics.median(rounds_up):+.3f} ms, quartiles {quartiles[0]:+.3f} to {quartiles[2]:+.3f} ms "
               f"({len(rounds_up)} rounds)")
+    for series, (count, cpu) in cpus.items():
+        print(f"CPU of the exporter's server threads per scrape, {series}: {cpu / max(count, 1) * 1e3:.2f} ms "
+              f"({count} scrapes)")
 
 
 def main() -> None:
