@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import collections
+import logging
 import math
 import threading
 import time
@@ -15,6 +16,8 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from . import device_stats as ds
 from .exposition import FamilyFormat, RenderedFamily
 from .metrics import BASE_LABELS, DROP_KINDS, ERROR_SITES, METRICS, RUN_STATUSES
+
+log = logging.getLogger("exporter")
 
 _BUCKETS = 16
 # Served by other collectors of the exporter (lifecycle.Phases).
@@ -182,9 +185,9 @@ class Publisher(Collector):
     """The exporters' collectors of one registry, served as one collector.
 
     Exporters that share a registry publish one family per metric name carrying every run's series, as one
-    exporter per registry does; the second exporter of the same run and rank is refused, since its series
-    would collide with the first one's. ``Publisher.of(registry)`` gives the registry's publisher, and
-    ``register`` takes collectors as a registry does.
+    exporter per registry does. A series that two of them serve (a run and rank given twice, as a sweep may do)
+    comes from the newest, as when a new exporter takes a port over. ``Publisher.of(registry)`` gives the
+    registry's publisher, and ``register`` takes collectors as a registry does.
     """
 
     _of: "weakref.WeakKeyDictionary[CollectorRegistry, Publisher]" = weakref.WeakKeyDictionary()
@@ -205,18 +208,17 @@ class Publisher(Collector):
 
     def register(self, collector: Collector) -> None:
         with self._lock:
-            if isinstance(collector, RunState):
-                for other in self._members:
-                    if isinstance(other, RunState) and other.base == collector.base:
-                        raise ValueError(f"the registry passed already serves run {collector.base[0]!r} rank "
-                                         f"{collector.base[1]}: exporters sharing a registry need distinct run ids")
+            if isinstance(collector, RunState) and any(isinstance(m, RunState) and m.base == collector.base
+                                                       and m.status == "running" for m in self._members):
+                log.warning("training exporter: the registry passed already serves the running run %r rank %s; "
+                            "the newer exporter's series replace the older one's", *collector.base)
             self._members.append(collector)
 
     def collect(self) -> List[Metric]:
         with self._lock:
             members = list(self._members)
         families: Dict[str, List[Metric]] = {}
-        for member in members:
+        for member in reversed(members):  # the newest first: its series win
             for family in member.collect():
                 families.setdefault(family.name, []).append(family)
         return [_merged(same) for same in families.values()]
@@ -229,5 +231,10 @@ def _merged(families: List[Metric]) -> Metric:
         return RenderedFamily.merged(families)
     first = families[0]
     merged = Metric(first.name, first.documentation, first.type, first.unit)
-    merged.samples = [s for f in families for s in f.samples]
+    seen = set()
+    for sample in (s for f in families for s in f.samples):
+        series = (sample.name, tuple(sorted(sample.labels.items())))
+        if series not in seen:
+            seen.add(series)
+            merged.samples.append(sample)
     return merged

@@ -31,13 +31,18 @@ def _label_value(value: str) -> str:
 
 
 class RenderedFamily(Metric):
-    """A metric family whose sample lines are already rendered; its ``samples`` are built only when read."""
+    """A metric family whose sample lines are already rendered; its ``samples`` are built only when read.
 
-    def __init__(self, fmt: "FamilyFormat", lines: List[str], samples: Callable[[], List[Sample]]) -> None:
+    ``keys`` names the series of ``lines`` in order (one line each, two for a summary).
+    """
+
+    def __init__(self, fmt: "FamilyFormat", lines: List[str], keys: Sequence[object],
+                 samples: Callable[[], List[Sample]]) -> None:
         # Metric.__init__ would validate the name again and set ``samples``, which is built on demand here.
         self.name, self.documentation, self.type, self.unit = fmt.name, fmt.documentation, fmt.type, ""
         self.format = fmt
         self.lines = lines
+        self.keys = keys
         self._make_samples = samples
         self._samples: Optional[List[Sample]] = None
 
@@ -49,9 +54,22 @@ class RenderedFamily(Metric):
 
     @staticmethod
     def merged(families: Sequence["RenderedFamily"]) -> "RenderedFamily":
-        """One family with the series of ``families`` (one name, several exporters sharing a registry)."""
-        return RenderedFamily(families[0].format, [line for f in families for line in f.lines],
-                              lambda: [s for f in families for s in f.samples])
+        """One family with the series of ``families`` (one name, several exporters sharing a registry); a series
+        that several of them serve (one run and rank twice) comes from the first that does."""
+        seen: set = set()
+        lines: List[str] = []
+        parts: List[Tuple[RenderedFamily, int]] = []
+        for family in families:
+            n = len(family.format.sample_names)
+            for i, key in enumerate(family.keys):
+                series = (family.format.base, key)
+                if series not in seen:
+                    seen.add(series)
+                    lines.extend(family.lines[i * n:(i + 1) * n])
+                    parts.append((family, i))
+        n = len(families[0].format.sample_names)
+        return RenderedFamily(families[0].format, lines, [(f.format.base, f.keys[i]) for f, i in parts],
+                              lambda: [s for f, i in parts for s in f.samples[i * n:(i + 1) * n]])
 
 
 class FamilyFormat:
@@ -106,7 +124,7 @@ class FamilyFormat:
         # The same key and value objects as last time (the caller's copies share them): nothing changed.
         if (last is not None and len(values) == len(last[0]) and all(map(operator.is_, values, last[0]))
                 and all(map(operator.is_, values.values(), last[1]))):
-            return RenderedFamily(self, last[2], functools.partial(self._samples, values, last[3]))
+            return RenderedFamily(self, last[2], last[3], functools.partial(self._samples, values, last[3]))
         order = self._order
         if order is None or values.keys() != order[0]:
             order = self._order = (set(values), sorted(values))
@@ -129,7 +147,7 @@ class FamilyFormat:
                     line = cached[key] = (value, math.copysign(1, value), f"{prefix[0]}{floatToGoString(value)}\n")
                 lines.append(line[2])
         self._last = (list(values), list(values.values()), lines, order[1])
-        return RenderedFamily(self, lines, functools.partial(self._samples, values, order[1]))
+        return RenderedFamily(self, lines, order[1], functools.partial(self._samples, values, order[1]))
 
     def _samples(self, values: Mapping[object, object], keys: List[object]) -> List[Sample]:
         samples = []

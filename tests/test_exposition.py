@@ -180,11 +180,29 @@ def test_exporters_sharing_a_registry_serve_one_family_with_both_runs():
             assert 'training_loss{rank="0",run="b",split="train"} 3.0\n' in text
             check = subprocess.run([binary("promtool"), "check", "metrics"], input=text.encode(), capture_output=True)
             assert check.returncode == 0, check.stdout + check.stderr
-        with pytest.raises(ValueError, match="already serves run 'a' rank 0.*distinct run ids"):
-            TrainingExporter(run="a", port=0, addr="127.0.0.1", registry=registry)
     finally:
         a.close(stop_server=True)
         b.close(stop_server=True)
+
+
+def test_a_run_given_twice_on_one_registry_is_served_once_by_the_newest(caplog):
+    registry = CollectorRegistry()
+    old = TrainingExporter(run="sweep", port=0, addr="127.0.0.1", registry=registry, close_timeout=0)
+    new = TrainingExporter(run="sweep", port=0, addr="127.0.0.1", registry=registry, close_timeout=0)
+    try:
+        assert "already serves the running run 'sweep' rank 0" in caplog.text
+        old.log_step(loss=5.0)
+        new.log_step(loss=1.0)
+        text = scrape(new)[1].decode()
+        assert text.count("\ntraining_loss{") == 1 and 'training_loss{rank="0",run="sweep",split="train"} 1.0\n' in text
+        assert text.count("\ntraining_phase_start_timestamp_seconds{") == 1
+        assert text.count("\ntraining_step_loss_count{") == 1 and text.count("\ntraining_step_loss_sum{") == 1
+        assert registry.get_sample_value("training_step_loss_sum", {"run": "sweep", "rank": "0"}) == 1.0
+        check = subprocess.run([binary("promtool"), "check", "metrics"], input=text.encode(), capture_output=True)
+        assert check.returncode == 0, check.stdout + check.stderr
+    finally:
+        old.close(stop_server=True)
+        new.close(stop_server=True)
 
 
 def test_param_groups_of_two_optimizers_have_consecutive_indices(make_exporter, registry):
