@@ -10,7 +10,6 @@ them (``registry.get_sample_value``, prometheus_client's own encoders).
 from __future__ import annotations
 
 import functools
-import math
 import operator
 from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
@@ -99,9 +98,7 @@ class FamilyFormat:
         self.openmetrics_header = f"# HELP {self.name} {_label_value(documentation)}\n# TYPE {self.name} {typ}\n"
         self._label_order = sorted(range(len(self.labelnames)), key=self.labelnames.__getitem__)
         self._prefixes: Dict[object, Tuple[str, ...]] = {}
-        self._lines: Dict[object, Tuple[float, float, str]] = {}  # key -> (value, its sign, its line)
-        self._order: Optional[Tuple[set, list]] = None  # the keys of the last render, as a set and sorted
-        self._last: Optional[Tuple[list, list, List[str], list]] = None  # its keys, values, lines, sorted keys
+        self._last: Optional[Tuple[Mapping[object, object], List[str], List[object]]] = None
 
     def _labels(self, key: object) -> Tuple[str, ...]:
         return self.base + (key if isinstance(key, tuple) else (key,))
@@ -119,35 +116,36 @@ class FamilyFormat:
 
     def render(self, values: Mapping[object, object]) -> RenderedFamily:
         """The family with one series per item of ``values`` (a number, or ``(count, sum)`` for a summary), in
-        the order of their keys; ``values`` must not change afterwards (its samples are built from it on demand)."""
-        last = self._last  # each cache is one tuple, read once: concurrent scrapes see consistent parts
-        # The same key and value objects as last time (the caller's copies share them): nothing changed.
-        if (last is not None and len(values) == len(last[0]) and all(map(operator.is_, values, last[0]))
-                and all(map(operator.is_, values.values(), last[1]))):
-            return RenderedFamily(self, last[2], last[3], functools.partial(self._samples, values, last[3]))
-        order = self._order
-        if order is None or values.keys() != order[0]:
-            order = self._order = (set(values), sorted(values))
+        the order of their keys; ``values`` must not change afterwards (its samples are built from it on demand).
+
+        A value that is the same object as at the last render keeps its line (the caller's copies share the
+        objects of values that did not change), so only new values are formatted.
+        """
+        last = self._last  # (values, lines, sorted keys) of the last render, read once: renders may run at once
+        same_keys = last is not None and values.keys() == last[0].keys()
+        keys = last[2] if same_keys else sorted(values)
+        if same_keys and all(map(operator.is_, values.values(), last[0].values())):
+            return RenderedFamily(self, last[1], keys, functools.partial(self._samples, values, keys))
         prefixes = self._prefixes
         lines: List[str] = []
         if self.type == "summary":
-            for key in order[1]:
+            for key in keys:
                 count, total = values[key]
                 count_prefix, sum_prefix = prefixes.get(key) or self._prefix(key)
                 lines.append(f"{count_prefix}{floatToGoString(count)}\n")
                 lines.append(f"{sum_prefix}{floatToGoString(total)}\n")
-        else:
-            cached = self._lines
-            for key in order[1]:
+        elif same_keys:
+            previous = last[0]
+            for key, line in zip(keys, last[1]):
                 value = values[key]
-                line = cached.get(key)
-                # A value that did not change keeps its line; 0.0 and -0.0 are equal but written apart.
-                if line is None or line[0] != value or (value == 0 and math.copysign(1, value) != line[1]):
-                    prefix = prefixes.get(key) or self._prefix(key)
-                    line = cached[key] = (value, math.copysign(1, value), f"{prefix[0]}{floatToGoString(value)}\n")
-                lines.append(line[2])
-        self._last = (list(values), list(values.values()), lines, order[1])
-        return RenderedFamily(self, lines, order[1], functools.partial(self._samples, values, order[1]))
+                if value is not previous[key]:
+                    line = f"{(prefixes.get(key) or self._prefix(key))[0]}{floatToGoString(value)}\n"
+                lines.append(line)
+        else:
+            for key in keys:
+                lines.append(f"{(prefixes.get(key) or self._prefix(key))[0]}{floatToGoString(values[key])}\n")
+        self._last = (values, lines, keys)
+        return RenderedFamily(self, lines, keys, functools.partial(self._samples, values, keys))
 
     def _samples(self, values: Mapping[object, object], keys: List[object]) -> List[Sample]:
         samples = []
