@@ -2,20 +2,26 @@
 from __future__ import annotations
 
 import collections
+import logging
 import math
 import threading
 import time
-from typing import Callable, Dict, Iterable, Optional, Tuple
+import weakref
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
-from prometheus_client.registry import Collector
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector, CollectorRegistry
 
 from . import device_stats as ds
+from .exposition import FamilyFormat, RenderedFamily
 from .metrics import BASE_LABELS, DROP_KINDS, ERROR_SITES, METRICS, RUN_STATUSES
 
+log = logging.getLogger("exporter")
+
 _BUCKETS = 16
-_FAMILY = {"gauge": GaugeMetricFamily, "counter": CounterMetricFamily, "summary": SummaryMetricFamily}
+# Served by other collectors of the exporter (lifecycle.Phases).
+_ELSEWHERE = ("training_phase_start_timestamp_seconds",)
 
 
 class RunState(Collector):
@@ -68,6 +74,13 @@ class RunState(Collector):
         # [first, last snapshot time, largest finite loss, largest finite grad norm] of time buckets of
         # max_window / _BUCKETS seconds, newest last: bounded whatever the number of steps between two scrapes.
         self._recent: collections.deque = collections.deque()
+        info_names = METRICS["training_run_info"].labels + tuple(sorted(set(self.info) - set(
+            METRICS["training_run_info"].labels)))
+        self._info_values = tuple(self.info[k] for k in info_names)
+        self._formats = {m.name: FamilyFormat(m.name, m.help, m.type, BASE_LABELS + m.labels, self.base)
+                         for m in METRICS.values() if m.name not in _ELSEWHERE}
+        self._formats["training_run_info"] = FamilyFormat("training_run_info", METRICS["training_run_info"].help,
+                                                          "gauge", BASE_LABELS + info_names, self.base)
 
     def merge_steps(self, values: np.ndarray, when: float) -> None:
         """Fold a ``StepAccumulator`` snapshot (taken at ``when``) into the totals. Call with ``lock`` held."""
@@ -114,76 +127,114 @@ class RunState(Collector):
         grad = max((r[3] for r in self._recent), default=-math.inf)
         return loss, grad
 
-    def collect(self) -> Iterable:
+    def collect(self) -> List[Metric]:
         if self.refresh is not None:
             self.refresh()
         with self.lock:
-            return list(self._families())
+            values = self._values()
+        # Rendering holds the GIL but not the lock: log_step never waits for a scrape's formatting.
+        return [self._formats[name].render(series) for name, series in values]
 
-    def _families(self) -> Iterable:
-        base = self.base
+    def _values(self) -> List[Tuple[str, Dict]]:
+        """Each family's series as {label values beyond run and rank: value}; copies, so that they are rendered
+        after the lock is released. Call with ``lock`` held."""
+        def single(name: str, value) -> Tuple[str, Dict]:
+            return name, ({} if value is None else {(): value})
 
-        def family(name: str):
-            metric = METRICS[name]
-            return _FAMILY[metric.type](name, metric.help, labels=BASE_LABELS + metric.labels)
-
-        def single(name: str, value: Optional[float], *extra: str):
-            f = family(name)
-            if value is not None:
-                f.add_metric(base + extra, value)
-            return f
-
-        def labelled(name: str, values: Dict, key=lambda k: (k,)):
-            f = family(name)
-            for k, v in sorted(values.items()):
-                f.add_metric(base + key(k), v)
-            return f
-
-        yield single("training_step", self.step)
-        yield single("training_epoch", self.epoch)
-        yield single("training_last_step_timestamp_seconds", self.last_step_time)
-        yield labelled("training_loss", self.losses)
-        yield labelled("training_learning_rate", self.lrs)
-        yield single("training_grad_norm", self.grad_norm)
-        yield labelled("training_eval_metric", self.eval_metrics, key=lambda k: k)
-
-        info_names = sorted(set(self.info) - set(METRICS["training_run_info"].labels))
-        info = GaugeMetricFamily("training_run_info", METRICS["training_run_info"].help,
-                                 labels=BASE_LABELS + METRICS["training_run_info"].labels + tuple(info_names))
-        info.add_metric(base + tuple(self.info[k] for k in METRICS["training_run_info"].labels + tuple(info_names)),
-                        1)
-        yield info
-        yield labelled("training_run_status", {s: float(s == self.status) for s in RUN_STATUSES})
-        yield single("training_run_start_timestamp_seconds", self.start_time)
-
-        summary = family("training_step_loss")
-        summary.add_metric(base, self.loss_count, self.loss_sum)
-        yield summary
         loss_max, grad_max = self.recent_max(time.time())
-        yield single("training_loss_steps_total", self.loss_count)
-        yield single("training_loss_positive_sum_total", self.loss_pos)
-        yield single("training_loss_negative_sum_total", self.loss_neg)
-        yield single("training_loss_squared_sum_total", self.loss_sq)
-        yield single("training_grad_norm_steps_total", self.grad_count)
-        yield single("training_grad_norm_sum_total", self.grad_sum)
-        yield single("training_last_nonfinite_timestamp_seconds", self.last_nonfinite_time)
-        yield single("training_loss_recent_max", loss_max if loss_max > -math.inf else None)
-        yield single("training_grad_norm_recent_max", grad_max if grad_max > -math.inf else None)
-        yield single("training_loss_nonfinite_total", self.loss_nonfinite)
-        yield single("training_grad_nonfinite_total", self.grad_nonfinite)
-        yield single("training_scaler_skipped_steps_total", self.skipped)
-        yield single("training_samples_total", self.samples)
-        durations = family("training_step_duration_seconds")
-        durations.add_metric(base, self.duration_count, self.duration_sum)
-        yield durations
-        yield labelled("training_eval_step", self.eval_steps)
-        yield labelled("training_eval_timestamp_seconds", self.eval_times)
-        yield labelled("training_evals_total", self.evals)
-        yield labelled("training_eval_loss_best", self.eval_best)
-        yield labelled("training_evals_since_best", self.evals_since_best)
+        return [
+            single("training_step", self.step),
+            single("training_epoch", self.epoch),
+            single("training_last_step_timestamp_seconds", self.last_step_time),
+            ("training_loss", dict(self.losses)),
+            ("training_learning_rate", dict(self.lrs)),
+            single("training_grad_norm", self.grad_norm),
+            ("training_eval_metric", dict(self.eval_metrics)),
+            ("training_run_info", {self._info_values: 1}),
+            ("training_run_status", {s: float(s == self.status) for s in RUN_STATUSES}),
+            single("training_run_start_timestamp_seconds", self.start_time),
+            single("training_step_loss", (self.loss_count, self.loss_sum)),
+            single("training_loss_steps_total", self.loss_count),
+            single("training_loss_positive_sum_total", self.loss_pos),
+            single("training_loss_negative_sum_total", self.loss_neg),
+            single("training_loss_squared_sum_total", self.loss_sq),
+            single("training_grad_norm_steps_total", self.grad_count),
+            single("training_grad_norm_sum_total", self.grad_sum),
+            single("training_last_nonfinite_timestamp_seconds", self.last_nonfinite_time),
+            single("training_loss_recent_max", loss_max if loss_max > -math.inf else None),
+            single("training_grad_norm_recent_max", grad_max if grad_max > -math.inf else None),
+            single("training_loss_nonfinite_total", self.loss_nonfinite),
+            single("training_grad_nonfinite_total", self.grad_nonfinite),
+            single("training_scaler_skipped_steps_total", self.skipped),
+            single("training_samples_total", self.samples),
+            single("training_step_duration_seconds", (self.duration_count, self.duration_sum)),
+            ("training_eval_step", dict(self.eval_steps)),
+            ("training_eval_timestamp_seconds", dict(self.eval_times)),
+            ("training_evals_total", dict(self.evals)),
+            ("training_eval_loss_best", dict(self.eval_best)),
+            ("training_evals_since_best", dict(self.evals_since_best)),
+            single("training_grad_norm_shard_squared", self.grad_shard_sq),
+            single("training_grad_mean", self.grad_mean),
+            ("training_layer_grad_norm", dict(self.layer_norms)),
+            ("training_exporter_errors_total", dict(self.errors)),
+            ("training_exporter_dropped_total", dict(self.dropped)),
+        ]
 
-        yield single("training_grad_norm_shard_squared", self.grad_shard_sq)
-        yield single("training_grad_mean", self.grad_mean)
-        yield labelled("training_layer_grad_norm", self.layer_norms)
-        yield labelled("training_exporter_errors_total", self.errors)
-        yield labelled("training_exporter_dropped_total", self.dropped)
+
+class Publisher(Collector):
+    """The exporters' collectors of one registry, served as one collector.
+
+    Exporters that share a registry publish one family per metric name carrying every run's series, as one
+    exporter per registry does. A series that two of them serve (a run and rank given twice, as a sweep may do)
+    comes from the newest, as when a new exporter takes a port over. ``Publisher.of(registry)`` gives the
+    registry's publisher, and ``register`` takes collectors as a registry does.
+    """
+
+    _of: "weakref.WeakKeyDictionary[CollectorRegistry, Publisher]" = weakref.WeakKeyDictionary()
+    _of_lock = threading.Lock()
+
+    def __init__(self) -> None:
+        self._members: List[Collector] = []
+        self._lock = threading.Lock()
+
+    @classmethod
+    def of(cls, registry: CollectorRegistry) -> "Publisher":
+        with cls._of_lock:
+            publisher = cls._of.get(registry)
+            if publisher is None:
+                publisher = cls._of[registry] = cls()
+                registry.register(publisher)
+            return publisher
+
+    def register(self, collector: Collector) -> None:
+        with self._lock:
+            if isinstance(collector, RunState) and any(isinstance(m, RunState) and m.base == collector.base
+                                                       and m.status == "running" for m in self._members):
+                log.warning("training exporter: the registry passed already serves the running run %r rank %s; "
+                            "the newer exporter's series replace the older one's", *collector.base)
+            self._members.append(collector)
+
+    def collect(self) -> List[Metric]:
+        with self._lock:
+            members = list(self._members)
+        families: Dict[str, List[Metric]] = {}
+        for member in reversed(members):  # the newest first: its series win
+            for family in member.collect():
+                families.setdefault(family.name, []).append(family)
+        return [_merged(same) for same in families.values()]
+
+
+def _merged(families: List[Metric]) -> Metric:
+    if len(families) == 1:
+        return families[0]
+    if all(isinstance(f, RenderedFamily) for f in families):
+        return RenderedFamily.merged(families)
+    first = families[0]
+    merged = Metric(first.name, first.documentation, first.type, first.unit)
+    seen = set()
+    for sample in (s for f in families for s in f.samples):
+        series = (sample.name, tuple(sorted(sample.labels.items())))
+        if series not in seen:
+            seen.add(series)
+            merged.samples.append(sample)
+    return merged

@@ -14,7 +14,7 @@ from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 
 from . import __version__, runtime
-from .collector import RunState
+from .collector import Publisher, RunState
 from .device_stats import DeviceTotals
 from .labels import ConfigLabels, bounded
 from .lifecycle import Lifecycle, PhaseBlock
@@ -121,13 +121,14 @@ class TrainingExporter:
             PlatformCollector(registry=registry)
             GCCollector(registry=registry)
         self.registry = registry
-        registry.register(self.state)
+        publisher = Publisher.of(registry)  # exporters sharing a registry serve one family per metric
+        publisher.register(self.state)
         self._server: Optional[Endpoint] = serve(registry, port, addr, web_config)
         self.port: int = self._server.port
         self.addr = addr
         log.info("serving metrics of run %r rank %d on %s://%s:%d/metrics", self.run, self.rank, self._server.scheme,
                  addr, self.port)
-        self._lifecycle = Lifecycle(self.state, registry, self.close, handle_sigterm)
+        self._lifecycle = Lifecycle(self.state, publisher, self.close, handle_sigterm)
 
     # ----------------------------------------------------------------------------------------------- hooks
     def watch(self, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer] = None, *,

@@ -11,6 +11,8 @@ import hashlib
 import re
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
+import numpy as np
+
 MAX_VALUE = 120
 REDACTED = "<redacted>"
 # scheme://user:password@ : the scheme and user are kept, the password goes.
@@ -56,6 +58,19 @@ def _patterns(name: str, value: Optional[Iterable[str]]) -> Tuple[str, ...]:
     return tuple(value)
 
 
+def _text(value: Any) -> str:
+    """A config value as a label value; a tensor by its number (``3.0``), not its repr (``tensor(3.)``)."""
+    if callable(getattr(value, "detach", None)) and callable(getattr(value, "tolist", None)):  # a torch.Tensor
+        value = value.detach().cpu()
+        if value.numel() != 1:
+            return str(value.tolist())
+        number = value.item()
+        if value.is_floating_point() and value.element_size() < 8:
+            return str(np.float32(number))  # the shortest text of a float32: 0.1, not 0.10000000149011612
+        return str(number)
+    return str(value)
+
+
 class ConfigLabels:
     """Turns a run's config into ``config_<key>`` labels of ``training_run_info``.
 
@@ -99,7 +114,7 @@ class ConfigLabels:
             if name in labels:  # `lr` and `LR`, `a-b` and `a_b`: one label; the later key is dropped
                 cut += 1
                 continue
-            text, value_cut = bounded(REDACTED if self.redacts(key) else without_url_password(str(value)))
+            text, value_cut = bounded(REDACTED if self.redacts(key) else without_url_password(_text(value)))
             labels[name] = text
             cut += name_cut or value_cut
         return labels, cut

@@ -39,7 +39,9 @@ _DEFS = [
     Metric("training_last_step_timestamp_seconds", "gauge", "Unix time of the last completed step."),
     Metric("training_loss", "gauge", "Latest loss: train at every step, other splits at each evaluation.",
            ("split",)),
-    Metric("training_learning_rate", "gauge", "Learning rate of each optimizer param group.", ("param_group",)),
+    Metric("training_learning_rate", "gauge", "Learning rate of each optimizer param group; param_group is the "
+           "group's index, continuing across watched optimizers in the order of watch() (a group added later takes "
+           "the next index).", ("param_group",)),
     Metric("training_grad_norm", "gauge", "Global L2 norm of the gradients at the last step, before clipping "
            "where known."),
     Metric("training_eval_metric", "gauge", "Task metrics reported with each evaluation.", ("split", "metric")),

@@ -28,10 +28,10 @@ from pathlib import Path
 from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 from prometheus_client import CollectorRegistry
-from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import Metric
 
 from . import runtime
+from .exposition import choose_encoder
 
 WORKERS = 4  # threads that answer scrapes; Prometheus servers scrape a target one request at a time each
 QUEUED = 16  # accepted connections waiting for a worker; more are closed at once
@@ -222,7 +222,8 @@ class _Handler(BaseHTTPRequestHandler):
         body, content_type, served = owner.exposition(self.headers.get("Accept"))
         headers = {}
         if "gzip" in (self.headers.get("Accept-Encoding") or ""):
-            body, headers["Content-Encoding"] = gzip.compress(body), "gzip"
+            # Level 1: the default 9 takes 6 times the CPU (19 ms for 10,000 series) for a body 6% smaller.
+            body, headers["Content-Encoding"] = gzip.compress(body, compresslevel=1), "gzip"
         self._reply(200, body, content_type, headers)
         owner.scraped(served)
 

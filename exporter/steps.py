@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -75,6 +75,9 @@ class StepModel:
         self._open_found_inf: Optional[torch.Tensor] = None
         self._closed = 0  # steps closed since the last log_step
         self._optimizer_steps = 0
+        # (watched index, param group index) -> its param_group label: "0", "1", ... continuing across optimizers
+        # in the order they were watched; a group added later takes the next free index. Labels never change.
+        self._lr_labels: Dict[Tuple[int, int], str] = {}
 
     @property
     def has_optimizer(self) -> bool:
@@ -95,6 +98,8 @@ class StepModel:
         index = len(self.watched)
         self.watched.append(w)
         if optimizer is not None:
+            for i in range(len(optimizer.param_groups)):
+                self._lr_label(index, i)
             self._hooks.append(optimizer.register_step_pre_hook(lambda *_: self._guard(self._pre_step, index)))
             self._hooks.append(optimizer.register_step_post_hook(lambda opt, *_: self._guard(self._post_step, index)))
         if scaler is not None and id(scaler) not in self._scalers:
@@ -159,9 +164,11 @@ class StepModel:
 
     def _post_step(self, index: int) -> None:
         w = self.watched[index]
-        prefix = f"{index}." if index else ""
         for i, group in enumerate(w.optimizer.param_groups):
-            self.publish_lr(prefix + str(i), group.get("lr"))
+            self.publish_lr(self._lr_label(index, i), group.get("lr"))
+
+    def _lr_label(self, index: int, group: int) -> str:
+        return self._lr_labels.setdefault((index, group), str(len(self._lr_labels)))
 
     def _scaler_update(self, scaler: Any) -> None:
         states = getattr(scaler, "_per_optimizer_states", {})
