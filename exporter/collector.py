@@ -24,6 +24,48 @@ _BUCKETS = 16
 _ELSEWHERE = ("training_phase_start_timestamp_seconds",)
 
 
+class TrainingLock:
+    """The re-entrant lock guarding ``RunState``; it knows whether the main thread is inside it.
+
+    A signal handler runs in the main thread between two bytecodes, possibly while the training thread holds
+    this lock halfway through an update. Work that must not happen there (closing the run mid-update, then
+    waiting for a scrape that needs this lock to render: a deadlock) is handed to ``defer()``, which runs it
+    when the main thread leaves its outermost ``with``. Deferring rather than rendering without the lock keeps
+    every scrape a consistent copy, and the wait is never longer than the rest of one exporter call.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        # How deep the main thread is inside, counted before acquiring and after releasing, so that a signal
+        # landing between the count and the lock operation defers too (the deferred work then runs at once).
+        self._main_depth = 0
+        self._deferred: Optional[Callable[[], None]] = None
+
+    def __enter__(self) -> "TrainingLock":
+        if threading.current_thread() is threading.main_thread():
+            self._main_depth += 1
+        self._lock.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._lock.release()
+        if threading.current_thread() is threading.main_thread():
+            self._main_depth -= 1
+            if self._main_depth == 0 and self._deferred is not None:
+                deferred, self._deferred = self._deferred, None
+                deferred()
+
+    def defer(self, work: Callable[[], None]) -> bool:
+        """From a signal handler: if the main thread is inside the lock, run ``work`` once it has left it and
+        return True (a second call before then is dropped: the first one's work already runs); otherwise False,
+        and the caller does the work itself."""
+        if self._main_depth == 0:
+            return False
+        if self._deferred is None:
+            self._deferred = work
+        return True
+
+
 class RunState(Collector):
     """Everything one process publishes, guarded by ``lock``; ``collect()`` serves a consistent copy.
 
@@ -33,7 +75,7 @@ class RunState(Collector):
 
     def __init__(self, run: str, rank: int, info: Dict[str, str], max_window: float,
                  refresh: Optional[Callable[[], None]] = None) -> None:
-        self.lock = threading.RLock()
+        self.lock = TrainingLock()
         self.base = (run, str(rank))
         self.info = dict(info)
         self.max_window = max_window

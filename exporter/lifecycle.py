@@ -35,10 +35,12 @@ class Phases(Collector):
     returns a context manager that switches back to the phase before it, whose clock then starts again.
     """
 
-    def __init__(self, base: tuple, dropped: Callable[[], None]) -> None:
+    def __init__(self, base: tuple, dropped: Callable[[], None], lock: Any) -> None:
         self._base = base
         self._dropped = dropped  # counts a name published as "other" in training_exporter_dropped_total
-        self._lock = threading.Lock()
+        # The run state's lock, not one of its own: a SIGTERM landing inside it is then deferred like one landing
+        # in log_step (a lock the handler does not know of would block the final scrape).
+        self._lock = lock
         self._known = {STARTUP, TRAIN}
         self.name = STARTUP
         self.since = time.time()
@@ -103,10 +105,12 @@ class SigtermHandler:
 
     ``interrupt(final)`` closes the run as interrupted; ``final`` is true when the previous handler is the
     default one, which ends the process right after, so the exporter lets Prometheus scrape the end first.
+    ``defer(work)`` postpones the whole handler while the training thread is inside the exporter's lock.
     """
 
-    def __init__(self, interrupt: Callable[[bool], None]) -> None:
+    def __init__(self, interrupt: Callable[[bool], None], defer: Callable[[Callable[[], None]], bool]) -> None:
         self._interrupt = interrupt
+        self._defer = defer
         self._previous: Any = None
         self.installed = False
         self.received = False
@@ -134,6 +138,11 @@ class SigtermHandler:
                 signal.signal(signal.SIGTERM, self._previous)
 
     def __call__(self, signum: int, frame: Any) -> None:
+        # Inside the lock, closing would land halfway through an update and the wait for the final scrape
+        # would hold the lock that scrape needs: all of it (previous handler included, so that the order stays
+        # publish-then-chain) runs once the training thread leaves the lock, at the end of the exporter call.
+        if self._defer(lambda: self(signum, frame)):
+            return
         final = self._previous == signal.SIG_DFL
         if self.installed and not self.received:
             self.received = True
@@ -170,9 +179,9 @@ class Lifecycle:
                  handle_sigterm: bool) -> None:
         self._state = state
         self._close = close
-        self.phases = Phases(state.base, self._dropped_phase)
+        self.phases = Phases(state.base, self._dropped_phase, state.lock)
         registry.register(self.phases)
-        self._sigterm = SigtermHandler(self._interrupted)
+        self._sigterm = SigtermHandler(self._interrupted, state.lock.defer)
         if handle_sigterm:
             self._sigterm.install()
 

@@ -1,5 +1,6 @@
 """The run's lifecycle in the training process: phases, the status a `with` block ends with, and SIGTERM with
 the handlers a process already has (the default one, torchrun's, a scheduler tool's), in real processes."""
+import random
 import re
 import signal
 import subprocess
@@ -246,6 +247,148 @@ def test_sigterm_with_torchruns_handler_raises_its_exception_and_publishes_inter
         proc.kill()
     assert proc.returncode == 0, err
     assert out.splitlines()[-2:] == ["raised SignalException SIGTERM", "final interrupted"], out + err
+
+
+# A SIGTERM that lands while the training thread holds the exporter's lock: each trap below delivers the signal to
+# its own process from code the exporter runs inside its locked region, so the timing is exact.
+TRAPPED = """
+import logging, signal, sys, torch
+from exporter import TrainingExporter
+logging.basicConfig(level=logging.WARNING, format="%(message)s")
+sprung = []
+
+def spring():
+    if not sprung:
+        sprung.append(True)
+        signal.raise_signal(signal.SIGTERM)
+
+class Loss(torch.Tensor):
+    '''A loss whose reshape (done inside log_step's and log_eval's lock) delivers SIGTERM.'''
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.reshape:
+            spring()
+        return super().__torch_function__(func, types, args, kwargs or {{}})
+
+class Name(str):
+    '''A phase name whose hash (taken inside phase()'s lock) delivers SIGTERM.'''
+    def __hash__(self):
+        spring()
+        return str.__hash__(self)
+
+class Scaler:
+    '''A gradient scaler whose state, read by the exporter's update hook inside its lock, delivers SIGTERM.'''
+    def update(self):
+        pass
+    @property
+    def _per_optimizer_states(self):
+        spring()
+        return {{}}
+
+{before}
+model = torch.nn.Linear(2, 1)
+scaler = Scaler()
+with TrainingExporter(run="trapped", port=0, addr="127.0.0.1") as exp:
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    exp.watch(model, opt, scaler=scaler)
+    exp.log_step(loss=1.0)
+    print("port", exp.port, flush=True)
+    sys.stdin.readline()
+    {trap}
+    print("not reached", flush=True)
+"""
+TRAPS = {"log_step": "exp.log_step(loss=torch.tensor(2.0).as_subclass(Loss))",
+         "log_eval": "exp.log_eval('val', loss=torch.tensor(0.5).as_subclass(Loss))",
+         "phase": "exp.phase(Name('eval'))",
+         "hook": "scaler.update()"}
+# A loop that spends most of its time inside the exporter: its step hooks, log_step, log_eval and phase.
+BUSY = ("while True: model(torch.ones(1, 2)).sum().backward(); opt.step(); opt.zero_grad(); "
+        "exp.log_step(loss=torch.tensor(1.0)); exp.log_eval('val', loss=0.5); exp.phase('eval'); exp.phase('train')")
+EXIT_3 = """
+def previous(signum, frame):
+    print("previous handler ran", flush=True)
+    sys.exit(3)
+signal.signal(signal.SIGTERM, previous)
+"""
+
+
+class Scraper(threading.Thread):
+    """Scrapes like an impatient Prometheus (every 0.1 s, 2 s timeout) and notes when it first saw each status."""
+
+    def __init__(self, port):
+        super().__init__(daemon=True)
+        self.port, self.first, self.stop = port, {}, threading.Event()
+
+    def run(self):
+        while not self.stop.is_set():
+            try:
+                status = re.search(r'training_run_status\{[^}]*status="(\w+)"\} 1\.0',
+                                   urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=2)
+                                   .read().decode()).group(1)
+                self.first.setdefault(status, time.monotonic())
+            except OSError:
+                pass
+            time.sleep(0.1)
+
+
+@pytest.mark.parametrize("where,before,code", [(where, "", -signal.SIGTERM) for where in TRAPS]
+                         + [("log_step", EXIT_3, 3)],
+                         ids=[f"{where}-default-handler" for where in TRAPS] + ["log_step-python-handler"])
+def test_sigterm_inside_the_exporters_lock_still_serves_interrupted(where, before, code):
+    """The handler must not close the run halfway through an update, nor wait for the final scrape while the
+    lock that scrape renders under is held: the scraper sees "interrupted" within a few seconds (not after
+    close_timeout, 10 s, when the process dies unscraped), then the previous handler ends the process."""
+    proc = subprocess.Popen([sys.executable, "-c", TRAPPED.format(before=before, trap=TRAPS[where])],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    scraper = None
+    try:
+        line = proc.stdout.readline().split()
+        assert line[:1] == ["port"], proc.communicate(timeout=60)
+        scraper = Scraper(int(line[1]))
+        scraper.start()
+        while "running" not in scraper.first and proc.poll() is None:
+            time.sleep(0.05)
+        sent = time.monotonic()
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        if scraper is not None:
+            scraper.stop.set()
+    assert "interrupted" in scraper.first, err
+    assert scraper.first["interrupted"] - sent < 4, err
+    assert proc.returncode == code, err
+    assert "not reached" not in out
+    assert ("previous handler ran" in out) == (code == 3)
+    assert "run 'trapped' rank 0 published status 'interrupted'" in err
+
+
+def test_sigterm_at_random_points_of_a_busy_loop_is_always_served_interrupted():
+    """The signal at a random moment of a loop that spends most of its time inside the exporter (F4 of the user
+    trial: one try in six deadlocked): every try serves "interrupted" and ends as the default handler does."""
+    rng = random.Random(4)
+    for attempt in range(5):
+        proc = subprocess.Popen([sys.executable, "-c", TRAPPED.format(before="", trap=BUSY)], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        scraper = None
+        try:
+            line = proc.stdout.readline().split()
+            assert line[:1] == ["port"], proc.communicate(timeout=60)
+            scraper = Scraper(int(line[1]))
+            scraper.start()
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+            time.sleep(rng.uniform(0.3, 0.8))
+            sent = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=60)
+        finally:
+            proc.kill()
+            if scraper is not None:
+                scraper.stop.set()
+        assert scraper.first.get("interrupted", float("inf")) - sent < 4, (attempt, err)
+        assert proc.returncode == -signal.SIGTERM, (attempt, err)
 
 
 def test_exporters_of_one_process_wait_for_their_final_scrapes_together():
