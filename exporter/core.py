@@ -13,13 +13,13 @@ from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 
-from . import __version__, runtime
+from . import __version__, clip, runtime
 from .collector import RunState
 from .device_stats import DeviceTotals
 from .labels import ConfigLabels, bounded
 from .lifecycle import Lifecycle, PhaseBlock
 from .server import Endpoint, serve
-from .steps import StepModel
+from .steps import StepModel, not_capturing
 
 log = logging.getLogger("exporter")
 
@@ -150,6 +150,22 @@ class TrainingExporter:
         with self.state.lock:
             self._steps.watch(model, optimizer, scaler, name)
 
+    def clip_grad_norm_(self, parameters: Any, max_norm: float, norm_type: float = 2.0,
+                        error_if_nonfinite: bool = False, foreach: Optional[bool] = None) -> torch.Tensor:
+        """``torch.nn.utils.clip_grad_norm_`` whose norm (type 2) becomes the coming step's published gradient norm,
+        so that the exporter reads no gradient a second time; same arguments and result as torch's
+        (see ``exporter.clip.clip_grad_norm_``)."""
+        return clip.clip_grad_norm_(parameters, max_norm, norm_type, error_if_nonfinite, foreach, exporter=self)
+
+    def _clipped(self, norm: torch.Tensor) -> None:
+        if self._closed:
+            return
+        try:
+            with self.state.lock:
+                self._steps.clipped(self._as_tensor(norm))
+        except Exception as exc:
+            self._fault("hook", exc)
+
     def _bounded(self, name: str, kind: str) -> str:
         name, cut = bounded(name)
         if cut:
@@ -181,6 +197,7 @@ class TrainingExporter:
         lrs = self._check_lr(lr)
         if self._after_close(where):
             return
+        not_capturing(where)
         self._lifecycle.stepped()
         try:
             self._log_step(loss, samples, grad_norm, lrs, step)

@@ -73,6 +73,8 @@ class StepModel:
         self._open_shard: Optional[torch.Tensor] = None
         self._open_skipped = False
         self._open_found_inf: Optional[torch.Tensor] = None
+        self._open_clip: Optional[torch.Tensor] = None  # the open step's norm, from its clipping pass
+        self._clip_next: Optional[torch.Tensor] = None  # a clipping pass's norm, for the step about to open
         self._closed = 0  # steps closed since the last log_step
         self._optimizer_steps = 0
 
@@ -140,6 +142,7 @@ class StepModel:
         self._scalers.clear()
 
     def _guard(self, fn, *args) -> None:
+        not_capturing("an optimizer hook")
         try:
             with self.state.lock:
                 fn(*args)
@@ -151,6 +154,7 @@ class StepModel:
         if index in self._open:
             self.close_step()
         self._open.add(index)
+        self._take_clip()
         w = self.watched[index]
         w.stepped = True
         if w.n_params != sum(len(g["params"]) for g in w.optimizer.param_groups):  # add_param_group
@@ -179,10 +183,23 @@ class StepModel:
                 if index in self._open:
                     self.close_step()
                 self._open.add(index)
+                self._take_clip()
                 self._open_skipped = True
             w.stepped = False
 
+    def clipped(self, norm: torch.Tensor) -> None:
+        """The clipping pass of the coming step computed its global norm (see ``exporter.clip``)."""
+        self._clip_next = norm
+
+    def _take_clip(self) -> None:
+        if self._clip_next is not None:
+            self._open_clip, self._clip_next = self._clip_next, None
+
     def _take_stats(self, w: Watched) -> None:
+        self._optimizer_steps += 1
+        detail = bool(self._detail_every) and self._optimizer_steps % self._detail_every == 0
+        if self._open_clip is not None and not detail:
+            return  # the clipping pass computed this step's norm: no second read of the gradients
         norms = w.stats.compute()
         if norms is None:
             return
@@ -193,15 +210,16 @@ class StepModel:
         if norms.group_sq is not None:
             layers = w.layers
             reader.submit(norms.group_sq.sqrt(), lambda v: st.layer_norms.update(zip(layers, map(float, v))))
-        self._optimizer_steps += 1
-        if self._detail_every and self._optimizer_steps % self._detail_every == 0:
+        if detail:
             mean = w.stats.mean()
             if mean is not None:
                 reader.submit(mean, lambda v: setattr(st, "grad_mean", float(v)))
 
     def close_step(self, grad_norm: Optional[torch.Tensor] = None) -> None:
         """Close the open step: one more step, its gradient norm (``grad_norm`` when the user passed one)."""
-        norm = grad_norm if grad_norm is not None else (self._open_sq.sqrt() if self._open_sq is not None else None)
+        norm = grad_norm if grad_norm is not None else self._open_clip
+        if norm is None and self._open_sq is not None:
+            norm = self._open_sq.sqrt()
         if norm is not None:
             skipped = self._open_found_inf if self._open_found_inf is not None else self._open_skipped
             self.totals.on(norm.device).add_grad(norm, skipped)
@@ -213,13 +231,15 @@ class StepModel:
         self.state.step += 1
         self._closed += 1
         self._open.clear()
-        self._open_sq = self._open_shard = self._open_found_inf = None
+        self._open_sq = self._open_shard = self._open_found_inf = self._open_clip = None
         self._open_skipped = False
 
     # ------------------------------------------------------------------------------------------- log_step
     def log_step(self, loss: Optional[torch.Tensor], grad_norm: Optional[torch.Tensor]) -> int:
         """Close what ``log_step`` closes and fold the loss in; returns the number of optimizer steps it closed."""
         model_only = [w for w in self.watched if w.optimizer is None]
+        if not self.has_optimizer or self._open:
+            self._take_clip()
         if not self.has_optimizer:
             for w in model_only:
                 self._take_stats(w)
@@ -249,6 +269,15 @@ class StepModel:
             self.totals.reader.submit(lr.reshape(()), lambda v: st.lrs.__setitem__(group, float(v)))
         elif lr is not None:
             self.state.lrs[group] = float(lr)
+
+
+def not_capturing(where: str) -> None:
+    """Raise a clear error inside a CUDA graph capture: the exporter's reads would be recorded once and replayed
+    blindly, and its host-side bookkeeping would not run at replay."""
+    if torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(f"training exporter: {where} ran inside a CUDA graph capture, which it cannot follow. "
+                           "Watch the model without its optimizer (exp.watch(model)) and call exp.log_step() after "
+                           "graph.replay(), outside the capture: it then reads the graph's static gradients.")
 
 
 def _combine(a: Optional[torch.Tensor], b: torch.Tensor) -> torch.Tensor:
