@@ -95,6 +95,7 @@ class Loop:
             self.exp.log_step(loss=loss.detach(), grad_norm=norm if variant == "torch clip + grad_norm=" else None)
 
 
+# Per-layer norms are on by default; detail_every=1 adds the gradient mean (one kernel per tensor) every step.
 EXPORTER_ARGS = {"exporter defaults": {}, "per-layer detail on": {"detail_every": 1},
                  "torch clip + grad_norm=": {}, "fused clip": {}}
 

@@ -26,6 +26,8 @@ log = logging.getLogger("exporter")
 _STATUSES = ("completed", "failed", "interrupted")
 _MAX_SPLITS = 16
 _SCRAPE_WAIT = 1.0  # seconds a scrape waits for the device copies it started
+_SNAPSHOT_PERIOD = 1.0  # seconds between the training thread's snapshots of the device totals
+_BUCKETS = 16  # buckets of the recent maxima per max_window (collector.RunState)
 
 
 def _is_number(value: Any) -> bool:
@@ -112,7 +114,8 @@ class TrainingExporter:
 
         self.state = RunState(self.run, self.rank, info, float(max_window), refresh=self._refresh)
         self.state.dropped["config"] += config_dropped
-        self._totals = DeviceTotals(self.state.merge_steps)
+        # Snapshots from the training thread at most once a second, and at least once per bucket of the recent maxima.
+        self._totals = DeviceTotals(self.state.merge_steps, period=min(_SNAPSHOT_PERIOD, max_window / _BUCKETS))
         self._steps = StepModel(self.state, self._totals, self._fault, rank=self.rank, detail_every=detail_every,
                                 layer_depth=layer_depth, max_layers=max_layers)
         if registry is None:
@@ -207,8 +210,9 @@ class TrainingExporter:
     def _log_step(self, loss, samples, grad_norm, lrs, step) -> None:
         now = time.time()
         clock = time.perf_counter()
-        with self.state.lock:
+        with self.state.lock, torch.no_grad():
             st = self.state
+            self._totals.before_step(now)
             closed = self._steps.log_step(self._as_tensor(loss), self._as_tensor(grad_norm))
             if step is not None:
                 st.step = step
@@ -222,7 +226,7 @@ class TrainingExporter:
                 st.samples += samples
             for group, value in lrs.items():
                 self._steps.publish_lr(group, value)
-            self._totals.snapshot(now)
+            self._totals.after_step(now)
             self._apply(self._totals.reader.poll())
 
     def log_eval(self, split: str, *, loss: Any = None, metrics: Optional[Mapping[str, Any]] = None,
@@ -341,7 +345,7 @@ class TrainingExporter:
         if isinstance(value, torch.Tensor):
             if hasattr(value, "to_local"):  # a replicated DTensor, as clip_grad_norm_ returns under FSDP2
                 value = value.to_local()
-            return value.detach().reshape(())
+            return value if value.dim() == 0 else value.reshape(())  # read under no_grad: no detach op
         return torch.tensor(float(value), dtype=torch.float64)
 
     def _set_value(self, value: Any, setter) -> None:

@@ -18,6 +18,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
@@ -47,6 +48,7 @@ class Watched:
     merged: int = 0
     cut: int = 0  # layer labels cut to the label length bound
     stepped: bool = False  # the optimizer's step ran since the scaler's last update
+    layer_sq: Any = None  # the newest squared per-layer norms not yet copied out, and their CUDA stream
 
 
 class StepModel:
@@ -59,6 +61,7 @@ class StepModel:
                  rank: int, detail_every: int, layer_depth: int, max_layers: int) -> None:
         self.state = state
         self.totals = totals
+        totals.before_snapshot = self.submit_layers
         self._fault = fault
         self._rank = rank
         self._detail_every = detail_every
@@ -69,13 +72,14 @@ class StepModel:
         self._scalers: Dict[int, Any] = {}
         self._seen: set = set()  # ids of parameters already watched: each is counted once
         self._open: set = set()  # watched indices that stepped (or were skipped) in the open step
-        self._open_sq: Optional[torch.Tensor] = None
+        self._open_norm: Optional[torch.Tensor] = None
         self._open_shard: Optional[torch.Tensor] = None
         self._open_skipped = False
         self._open_found_inf: Optional[torch.Tensor] = None
         self._open_clip: Optional[torch.Tensor] = None  # the open step's norm, from its clipping pass
         self._clip_next: Optional[torch.Tensor] = None  # a clipping pass's norm, for the step about to open
         self._closed = 0  # steps closed since the last log_step
+        self._warned_no_grad = False
         self._optimizer_steps = 0
 
     @property
@@ -144,7 +148,7 @@ class StepModel:
     def _guard(self, fn, *args) -> None:
         not_capturing("an optimizer hook")
         try:
-            with self.state.lock:
+            with self.state.lock, torch.no_grad():
                 fn(*args)
         except Exception as exc:  # a fault of ours must never break the training step
             self._fault("hook", exc)
@@ -195,31 +199,41 @@ class StepModel:
         if self._clip_next is not None:
             self._open_clip, self._clip_next = self._clip_next, None
 
-    def _take_stats(self, w: Watched) -> None:
+    def _take_stats(self, w: Watched) -> bool:
+        """Read ``w``'s gradients for the open step; False when it has none."""
         self._optimizer_steps += 1
         detail = bool(self._detail_every) and self._optimizer_steps % self._detail_every == 0
         if self._open_clip is not None and not detail:
-            return  # the clipping pass computed this step's norm: no second read of the gradients
+            return True  # the clipping pass computed this step's norm: no second read of the gradients
         norms = w.stats.compute()
         if norms is None:
-            return
-        self._open_sq = _combine(self._open_sq, norms.total_sq)
+            return False
+        self._open_norm = norms.total if self._open_norm is None else _hypot(self._open_norm, norms.total)
         if norms.shard_sq is not None:
             self._open_shard = _combine(self._open_shard, norms.shard_sq)
-        st, reader = self.state, self.totals.reader
-        if norms.group_sq is not None:
-            layers = w.layers
-            reader.submit(norms.group_sq.sqrt(), lambda v: st.layer_norms.update(zip(layers, map(float, v))))
+        if norms.group_sq is not None:  # a gauge: the newest is copied out at the next snapshot, not every step
+            w.layer_sq = (norms.group_sq, _stream(norms.group_sq.device))
         if detail:
             mean = w.stats.mean()
             if mean is not None:
-                reader.submit(mean, lambda v: setattr(st, "grad_mean", float(v)))
+                st = self.state
+                self.totals.reader.submit(mean, lambda v: setattr(st, "grad_mean", float(v)))
+        return True
+
+    def submit_layers(self) -> None:
+        """Start copying out the newest per-layer norms (called with each snapshot of the device totals)."""
+        st = self.state
+        for w in self.watched:
+            if w.layer_sq is None:
+                continue
+            (sq, stream), layers, w.layer_sq = w.layer_sq, w.layers, None
+            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                self.totals.reader.submit(sq.sqrt(), lambda v, layers=layers: st.layer_norms.update(
+                    zip(layers, map(float, v))))
 
     def close_step(self, grad_norm: Optional[torch.Tensor] = None) -> None:
         """Close the open step: one more step, its gradient norm (``grad_norm`` when the user passed one)."""
-        norm = grad_norm if grad_norm is not None else self._open_clip
-        if norm is None and self._open_sq is not None:
-            norm = self._open_sq.sqrt()
+        norm = next((n for n in (grad_norm, self._open_clip, self._open_norm) if n is not None), None)
         if norm is not None:
             skipped = self._open_found_inf if self._open_found_inf is not None else self._open_skipped
             self.totals.on(norm.device).add_grad(norm, skipped)
@@ -231,7 +245,7 @@ class StepModel:
         self.state.step += 1
         self._closed += 1
         self._open.clear()
-        self._open_sq = self._open_shard = self._open_found_inf = self._open_clip = None
+        self._open_norm = self._open_shard = self._open_found_inf = self._open_clip = None
         self._open_skipped = False
 
     # ------------------------------------------------------------------------------------------- log_step
@@ -240,16 +254,14 @@ class StepModel:
         model_only = [w for w in self.watched if w.optimizer is None]
         if not self.has_optimizer or self._open:
             self._take_clip()
-        if not self.has_optimizer:
-            for w in model_only:
-                self._take_stats(w)
-            self.close_step(grad_norm)
-        elif self._open:
-            for w in model_only:
-                self._take_stats(w)
+            read = [self._take_stats(w) for w in model_only]
+            if model_only and not any(read) and grad_norm is None and not self._warned_no_grad:
+                self._warned_no_grad = True
+                log.warning("watch(model) without an optimizer reads the gradients at log_step(), and none was "
+                            "there: call log_step() before zero_grad(), or watch(model, optimizer) (warned once)")
             self.close_step(grad_norm)
         if loss is not None:
-            self.totals.on(loss.device).fold_loss(loss)
+            self.totals.on(loss.device).log_loss(loss, self._closed)
         closed, self._closed = self._closed, 0
         if closed:
             self.totals.close_loss(closed)
@@ -278,6 +290,16 @@ def not_capturing(where: str) -> None:
         raise RuntimeError(f"training exporter: {where} ran inside a CUDA graph capture, which it cannot follow. "
                            "Watch the model without its optimizer (exp.watch(model)) and call exp.log_step() after "
                            "graph.replay(), outside the capture: it then reads the graph's static gradients.")
+
+
+def _stream(device: torch.device) -> Any:
+    return torch.cuda.current_stream(device) if device.type == "cuda" else None
+
+
+def _hypot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The L2 norm of two norms, on an accelerator when either is on one."""
+    home = a.device if a.device.type != "cpu" else b.device
+    return torch.hypot(to_home(a, home), to_home(b, home))
 
 
 def _combine(a: Optional[torch.Tensor], b: torch.Tensor) -> torch.Tensor:
