@@ -43,13 +43,13 @@ VARIANTS: Dict[str, dict] = {
 }
 
 
-def _count(tensors: int, variant: Optional[str], loop_clips: bool) -> collections.Counter:
+def _count(tensors: int, variant: Optional[str], loop_clips: bool, device: str = "cpu") -> collections.Counter:
     """Ops of one steady-state step of ``variant`` (None: the loop without the exporter); ``loop_clips``: the loop
     calls ``torch.nn.utils.clip_grad_norm_`` (the fused clip variant calls the exporter's instead)."""
     torch.manual_seed(0)
-    model = model_of(tensors)
+    model = model_of(tensors).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
-    x = torch.randn(2, 4)
+    x = torch.randn(2, 4, device=device)
     exp = None
     if variant is not None:
         exp = TrainingExporter(run="dispatch", port=0, addr="127.0.0.1", handle_sigterm=False, **VARIANTS[variant])
@@ -81,11 +81,12 @@ def _count(tensors: int, variant: Optional[str], loop_clips: bool) -> collection
             exp.close(stop_server=True)
 
 
-def exporter_ops(tensors: int, variant: str) -> Tuple[int, Dict[str, int]]:
+def exporter_ops(tensors: int, variant: str, device: str = "cpu") -> Tuple[int, Dict[str, int]]:
     """The exporter's ops in one step of ``variant``: the loop with it, minus the same loop without it (the
     total, and the difference per op)."""
     clipping = "clip" in variant
-    with_it, bare = _count(tensors, variant, loop_clips=clipping), _count(tensors, None, loop_clips=clipping)
+    with_it = _count(tensors, variant, clipping, device)
+    bare = _count(tensors, None, clipping, device)
     per_op = {op: with_it[op] - bare[op] for op in with_it | bare if with_it[op] != bare[op]}
     return sum(with_it.values()) - sum(bare.values()), per_op
 

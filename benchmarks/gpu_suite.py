@@ -234,6 +234,20 @@ def sync_check(device, width):
     return {"ok": True, "steps_checked": checked}
 
 
+def dispatch_check(device):
+    """Aten ops the exporter adds to one step on this device (benchmarks/dispatch_count.py), 10 and 1,000 tensors."""
+    from dispatch_count import exporter_ops
+
+    counts = {}
+    for variant in ("defaults", "fused clip"):
+        for tensors in (10, 1000):
+            total, per_op = exporter_ops(tensors, variant, device.type)
+            counts[f"{variant}, {tensors} tensors"] = total
+            if tensors == 1000:
+                counts[f"{variant}, ops"] = per_op
+    return counts
+
+
 def published_norm(exp: TrainingExporter) -> float:
     exp.close(stop_server=True)
     return exp.registry.get_sample_value("training_grad_norm", {"run": exp.run, "rank": str(exp.rank)})
@@ -377,6 +391,7 @@ def main() -> int:
                 ["bare", "minimal global norm", "exporter defaults"], rounds, 300 if not smoke else 3,
                 20 if not smoke else 1)
     run_section(results, "sync-debug error", sync_check, device, 512)
+    run_section(results, "aten ops per step", dispatch_check, device)
     run_section(results, "torch.compile", compile_check, device, 512 if not smoke else 32)
     run_section(results, "CUDA graph", graph_check, device, 512)
     meta = {"torch": torch.__version__, "cuda": torch.version.cuda, "device": card, "smoke": smoke,
