@@ -16,7 +16,6 @@ import torch
 
 # Rows of the accumulator; its two columns are the train loss and the global gradient norm. The first rows add up.
 SUM, COUNT, POS, NEG, SQ, NONFINITE, SKIPPED, MAX, LAST = range(9)
-_ADDED = SKIPPED + 1
 LOSS, GRAD = 0, 1
 
 

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from prometheus_client import CollectorRegistry
 from torch import nn
 
 import exporter
