@@ -11,7 +11,8 @@
   step was closed (micro-batches of gradient accumulation) wait and fold into the next step as their mean;
   a loss logged for N closed steps (interval logging) stands for each of them. A non-finite loss is counted at
   once, whether or not an update follows. A ``grad_norm`` passed to ``log_step`` replaces the computed norm of
-  the step it closes, the last one.
+  the step it closes, the last one; a norm from ``clip_grad_norm_`` (``exporter.clip``) is the norm of the step
+  that opens next, whose gradients the hooks then do not read.
 - Without an optimizer, every ``log_step`` is one step and reads the gradients present then (call it before
   ``zero_grad()``); with a scaler passed, a step whose gradients the scaler found infinite is a skip, decided on
   the device from the scaler's own state.
@@ -48,7 +49,7 @@ class Watched:
     merged: int = 0
     cut: int = 0  # layer labels cut to the label length bound
     stepped: bool = False  # the optimizer's step ran since the scaler's last update
-    layer_sq: Any = None  # the newest squared per-layer norms not yet copied out, and their CUDA stream
+    layer_sq: Any = None  # the newest squared per-layer norms not yet copied out, their CUDA stream and labels
 
 
 class StepModel:
@@ -212,7 +213,7 @@ class StepModel:
         if norms.shard_sq is not None:
             self._open_shard = _combine(self._open_shard, norms.shard_sq)
         if norms.group_sq is not None:  # a gauge: the newest is copied out at the next snapshot, not every step
-            w.layer_sq = (norms.group_sq, _stream(norms.group_sq.device))
+            w.layer_sq = (norms.group_sq, _stream(norms.group_sq.device), w.layers)
         if detail:
             mean = w.stats.mean()
             if mean is not None:
@@ -226,7 +227,7 @@ class StepModel:
         for w in self.watched:
             if w.layer_sq is None:
                 continue
-            (sq, stream), layers, w.layer_sq = w.layer_sq, w.layers, None
+            (sq, stream, layers), w.layer_sq = w.layer_sq, None
             with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
                 self.totals.reader.submit(sq.sqrt(), lambda v, layers=layers: st.layer_norms.update(
                     zip(layers, map(float, v))))
