@@ -13,19 +13,21 @@ from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 
-from . import __version__, runtime
+from . import __version__, clip, runtime
 from .collector import Publisher, RunState
 from .device_stats import DeviceTotals
 from .labels import ConfigLabels, bounded
 from .lifecycle import Lifecycle, PhaseBlock
 from .server import Endpoint, serve
-from .steps import StepModel
+from .steps import StepModel, not_capturing
 
 log = logging.getLogger("exporter")
 
 _STATUSES = ("completed", "failed", "interrupted")
 _MAX_SPLITS = 16
 _SCRAPE_WAIT = 1.0  # seconds a scrape waits for the device copies it started
+_SNAPSHOT_PERIOD = 1.0  # seconds between the training thread's snapshots of the device totals
+_BUCKETS = 16  # buckets of the recent maxima per max_window (collector.RunState)
 
 
 def _is_number(value: Any) -> bool:
@@ -112,7 +114,8 @@ class TrainingExporter:
 
         self.state = RunState(self.run, self.rank, info, float(max_window), refresh=self._refresh)
         self.state.dropped["config"] += config_dropped
-        self._totals = DeviceTotals(self.state.merge_steps)
+        # Snapshots from the training thread at most once a second, and at least once per bucket of the recent maxima.
+        self._totals = DeviceTotals(self.state.merge_steps, period=min(_SNAPSHOT_PERIOD, max_window / _BUCKETS))
         self._steps = StepModel(self.state, self._totals, self._fault, rank=self.rank, detail_every=detail_every,
                                 layer_depth=layer_depth, max_layers=max_layers)
         if registry is None:
@@ -151,6 +154,22 @@ class TrainingExporter:
         with self.state.lock:
             self._steps.watch(model, optimizer, scaler, name)
 
+    def clip_grad_norm_(self, parameters: Any, max_norm: float, norm_type: float = 2.0,
+                        error_if_nonfinite: bool = False, foreach: Optional[bool] = None) -> torch.Tensor:
+        """``torch.nn.utils.clip_grad_norm_`` whose norm (type 2) becomes the coming step's published gradient norm,
+        so that the exporter reads no gradient a second time; same arguments and result as torch's
+        (see ``exporter.clip.clip_grad_norm_``)."""
+        return clip.clip_grad_norm_(parameters, max_norm, norm_type, error_if_nonfinite, foreach, exporter=self)
+
+    def _clipped(self, norm: torch.Tensor) -> None:
+        if self._closed:
+            return
+        try:
+            with self.state.lock:
+                self._steps.clipped(self._as_tensor(norm))
+        except Exception as exc:
+            self._fault("hook", exc)
+
     def _bounded(self, name: str, kind: str) -> str:
         name, cut = bounded(name)
         if cut:
@@ -182,6 +201,7 @@ class TrainingExporter:
         lrs = self._check_lr(lr)
         if self._after_close(where):
             return
+        not_capturing(where)
         self._lifecycle.stepped()
         try:
             self._log_step(loss, samples, grad_norm, lrs, step)
@@ -191,8 +211,9 @@ class TrainingExporter:
     def _log_step(self, loss, samples, grad_norm, lrs, step) -> None:
         now = time.time()
         clock = time.perf_counter()
-        with self.state.lock:
+        with self.state.lock, torch.no_grad():
             st = self.state
+            self._totals.before_step(now)
             closed = self._steps.log_step(self._as_tensor(loss), self._as_tensor(grad_norm))
             if step is not None:
                 st.step = step
@@ -206,7 +227,7 @@ class TrainingExporter:
                 st.samples += samples
             for group, value in lrs.items():
                 self._steps.publish_lr(group, value)
-            self._totals.snapshot(now)
+            self._totals.after_step(now)
             self._apply(self._totals.reader.poll())
 
     def log_eval(self, split: str, *, loss: Any = None, metrics: Optional[Mapping[str, Any]] = None,
@@ -318,7 +339,7 @@ class TrainingExporter:
         if isinstance(value, torch.Tensor):
             if hasattr(value, "to_local"):  # a replicated DTensor, as clip_grad_norm_ returns under FSDP2
                 value = value.to_local()
-            return value.detach().reshape(())
+            return value if value.dim() == 0 else value.reshape(())  # read under no_grad: no detach op
         return torch.tensor(float(value), dtype=torch.float64)
 
     def _set_value(self, value: Any, setter) -> None:

@@ -94,10 +94,10 @@ def to_home(t: torch.Tensor, home: torch.device) -> torch.Tensor:
 
 
 class Norms(NamedTuple):
-    """One step's squared norms on the home device: global, per layer group (or None), this rank's share of the
-    global sum when gradients are sharded (or None)."""
+    """One step's norms on the home device: the global L2 norm (fp64), the squared norm of each layer group (or
+    None), this rank's share of the squared global sum when gradients are sharded (or None)."""
 
-    total_sq: torch.Tensor
+    total: torch.Tensor
     group_sq: Optional[torch.Tensor]
     shard_sq: Optional[torch.Tensor]
 
@@ -154,50 +154,60 @@ class GradStats:
             self.layouts[(device, wide)] = _Layout(device, wide, slots, zero, index, owned)
 
     def compute(self) -> Optional[Norms]:
-        """This step's squared norms, or None when no watched parameter has a gradient."""
+        """This step's norms, or None when no watched parameter has a gradient. Three ops per device and width
+        class (``_foreach_norm``, one stack, one norm of the stack), whatever the number of parameters; per-layer
+        groups add four (a cast, a square, a zero fill, ``index_add_``)."""
         if not self.layouts:
             self._build()
         parts = []
-        for layout in self.layouts.values():
-            grads, at = [], []
-            for k, i in enumerate(layout.slots):
-                g = self.params[i].grad
-                if g is not None:
-                    grads.append(_local(g, self._dtensor))
-                    at.append(k)
-            if not grads:
-                continue
-            if any(g.device != layout.device for g in grads):  # the model moved since the layout was built
-                self.layouts = {}
-                return self.compute()
-            norms = torch._foreach_norm(grads, 2, dtype=layout.zero.dtype)
-            full = [layout.zero] * len(layout.slots)
-            for k, n in zip(at, norms):
-                full[k] = n
-            parts.append((layout, torch.stack(full).to(torch.float64).square()))
-        if not parts:
-            return None
-        home = next((layout.device for layout, _ in parts if layout.device.type != "cpu"), parts[0][0].device)
-        total = group = shard = None
-        for layout, sq in parts:
-            total = _add(total, to_home(sq.sum(), home))
-            if layout.index is not None:
-                g = torch.zeros(self.n_groups, dtype=torch.float64, device=layout.device)
-                g.index_add_(0, layout.index, sq)
-                group = _add(group, to_home(g, home))
-            if layout.owned is not None:
-                shard = _add(shard, to_home((sq * layout.owned).sum(), home))
-        return Norms(total, group, shard)
+        with torch.no_grad():
+            for layout in self.layouts.values():
+                grads, at = [], []
+                for k, i in enumerate(layout.slots):
+                    g = self.params[i].grad
+                    if g is not None:
+                        grads.append(_local(g, self._dtensor) if self.sharded or g.is_sparse else g)
+                        at.append(k)
+                if not grads:
+                    continue
+                if any(g.device != layout.device for g in grads):  # the model moved since the layout was built
+                    self.layouts = {}
+                    return self.compute()
+                norms = torch._foreach_norm(grads, 2, dtype=layout.zero.dtype)
+                if len(at) < len(layout.slots):  # absent gradients count as zero, in their fixed slots
+                    full = [layout.zero] * len(layout.slots)
+                    for k, n in zip(at, norms):
+                        full[k] = n
+                    norms = full
+                stacked = torch.stack(norms)
+                parts.append((layout, stacked, torch.linalg.vector_norm(stacked, dtype=torch.float64)))
+            if not parts:
+                return None
+            home = next((layout.device for layout, _, _ in parts if layout.device.type != "cpu"), parts[0][0].device)
+            total = group = shard = None
+            for layout, stacked, norm in parts:
+                total = norm if total is None else torch.hypot(to_home(total, home), to_home(norm, home))
+                if layout.index is not None or layout.owned is not None:
+                    sq = stacked.to(torch.float64).square()
+                    if layout.index is not None:
+                        g = torch.zeros(self.n_groups, dtype=torch.float64, device=layout.device)
+                        g.index_add_(0, layout.index, sq)
+                        group = _add(group, to_home(g, home))
+                    if layout.owned is not None:
+                        shard = _add(shard, to_home((sq * layout.owned).sum(), home))
+        return Norms(to_home(total, home), group, shard)
 
     def mean(self) -> Optional[torch.Tensor]:
         """Mean over parameters of each gradient's mean (the seed's ``grad_mean``): one small kernel per tensor,
         so it runs on an interval, not every step."""
-        grads = [_local(p.grad, self._dtensor) for p in self.params if p.grad is not None]
+        grads = [p.grad if not (self.sharded or p.grad.is_sparse) else _local(p.grad, self._dtensor)
+                 for p in self.params if p.grad is not None]
         if not grads:
             return None
         home = next((g.device for g in grads if g.device.type != "cpu"), grads[0].device)
-        means = [g.mean(dtype=torch.promote_types(g.dtype, torch.float32)) for g in grads]
-        return torch.stack([to_home(m, home) for m in means]).mean()
+        with torch.no_grad():
+            means = [g.mean(dtype=torch.float64 if g.dtype == torch.float64 else torch.float32) for g in grads]
+            return torch.stack([to_home(m, home) for m in means]).mean()
 
 
 def _add(a: Optional[torch.Tensor], b: torch.Tensor) -> torch.Tensor:

@@ -11,13 +11,15 @@
   step was closed (micro-batches of gradient accumulation) wait and fold into the next step as their mean;
   a loss logged for N closed steps (interval logging) stands for each of them. A non-finite loss is counted at
   once, whether or not an update follows. A ``grad_norm`` passed to ``log_step`` replaces the computed norm of
-  the step it closes, the last one.
+  the step it closes, the last one; a norm from ``clip_grad_norm_`` (``exporter.clip``) is the norm of the step
+  that opens next, whose gradients the hooks then do not read.
 - Without an optimizer, every ``log_step`` is one step and reads the gradients present then (call it before
   ``zero_grad()``); with a scaler passed, a step whose gradients the scaler found infinite is a skip, decided on
   the device from the scaler's own state.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -47,6 +49,7 @@ class Watched:
     merged: int = 0
     cut: int = 0  # layer labels cut to the label length bound
     stepped: bool = False  # the optimizer's step ran since the scaler's last update
+    layer_sq: Any = None  # the newest squared per-layer norms not yet copied out, their CUDA stream and labels
 
 
 class StepModel:
@@ -59,6 +62,7 @@ class StepModel:
                  rank: int, detail_every: int, layer_depth: int, max_layers: int) -> None:
         self.state = state
         self.totals = totals
+        totals.before_snapshot = self.submit_layers
         self._fault = fault
         self._rank = rank
         self._detail_every = detail_every
@@ -69,11 +73,14 @@ class StepModel:
         self._scalers: Dict[int, Any] = {}
         self._seen: set = set()  # ids of parameters already watched: each is counted once
         self._open: set = set()  # watched indices that stepped (or were skipped) in the open step
-        self._open_sq: Optional[torch.Tensor] = None
+        self._open_norm: Optional[torch.Tensor] = None
         self._open_shard: Optional[torch.Tensor] = None
         self._open_skipped = False
         self._open_found_inf: Optional[torch.Tensor] = None
+        self._open_clip: Optional[torch.Tensor] = None  # the open step's norm, from its clipping pass
+        self._clip_next: Optional[torch.Tensor] = None  # a clipping pass's norm, for the step about to open
         self._closed = 0  # steps closed since the last log_step
+        self._warned_no_grad = False
         self._optimizer_steps = 0
         # (watched index, param group index) -> its param_group label: "0", "1", ... continuing across optimizers
         # in the order they were watched; a group added later takes the next free index. Labels never change.
@@ -145,8 +152,9 @@ class StepModel:
         self._scalers.clear()
 
     def _guard(self, fn, *args) -> None:
+        not_capturing("an optimizer hook")
         try:
-            with self.state.lock:
+            with self.state.lock, torch.no_grad():
                 fn(*args)
         except Exception as exc:  # a fault of ours must never break the training step
             self._fault("hook", exc)
@@ -156,6 +164,7 @@ class StepModel:
         if index in self._open:
             self.close_step()
         self._open.add(index)
+        self._take_clip()
         w = self.watched[index]
         w.stepped = True
         if w.n_params != sum(len(g["params"]) for g in w.optimizer.param_groups):  # add_param_group
@@ -186,29 +195,53 @@ class StepModel:
                 if index in self._open:
                     self.close_step()
                 self._open.add(index)
+                self._take_clip()
                 self._open_skipped = True
             w.stepped = False
 
-    def _take_stats(self, w: Watched) -> None:
+    def clipped(self, norm: torch.Tensor) -> None:
+        """The clipping pass of the coming step computed its global norm (see ``exporter.clip``)."""
+        self._clip_next = norm
+
+    def _take_clip(self) -> None:
+        if self._clip_next is not None:
+            self._open_clip, self._clip_next = self._clip_next, None
+
+    def _take_stats(self, w: Watched) -> bool:
+        """Read ``w``'s gradients for the open step; False when it has none."""
+        self._optimizer_steps += 1
+        detail = bool(self._detail_every) and self._optimizer_steps % self._detail_every == 0
+        if self._open_clip is not None and not detail:
+            return True  # the clipping pass computed this step's norm: no second read of the gradients
         norms = w.stats.compute()
         if norms is None:
-            return
-        self._open_sq = _combine(self._open_sq, norms.total_sq)
+            return False
+        self._open_norm = norms.total if self._open_norm is None else _hypot(self._open_norm, norms.total)
         if norms.shard_sq is not None:
             self._open_shard = _combine(self._open_shard, norms.shard_sq)
-        st, reader = self.state, self.totals.reader
-        if norms.group_sq is not None:
-            layers = w.layers
-            reader.submit(norms.group_sq.sqrt(), lambda v: st.layer_norms.update(zip(layers, map(float, v))))
-        self._optimizer_steps += 1
-        if self._detail_every and self._optimizer_steps % self._detail_every == 0:
+        if norms.group_sq is not None:  # a gauge: the newest is copied out at the next snapshot, not every step
+            w.layer_sq = (norms.group_sq, _stream(norms.group_sq.device), w.layers)
+        if detail:
             mean = w.stats.mean()
             if mean is not None:
-                reader.submit(mean, lambda v: setattr(st, "grad_mean", float(v)))
+                st = self.state
+                self.totals.reader.submit(mean, lambda v: setattr(st, "grad_mean", float(v)))
+        return True
+
+    def submit_layers(self) -> None:
+        """Start copying out the newest per-layer norms (called with each snapshot of the device totals)."""
+        st = self.state
+        for w in self.watched:
+            if w.layer_sq is None:
+                continue
+            (sq, stream, layers), w.layer_sq = w.layer_sq, None
+            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                self.totals.reader.submit(sq.sqrt(), lambda v, layers=layers: st.layer_norms.update(
+                    zip(layers, map(float, v))))
 
     def close_step(self, grad_norm: Optional[torch.Tensor] = None) -> None:
         """Close the open step: one more step, its gradient norm (``grad_norm`` when the user passed one)."""
-        norm = grad_norm if grad_norm is not None else (self._open_sq.sqrt() if self._open_sq is not None else None)
+        norm = next((n for n in (grad_norm, self._open_clip, self._open_norm) if n is not None), None)
         if norm is not None:
             skipped = self._open_found_inf if self._open_found_inf is not None else self._open_skipped
             self.totals.on(norm.device).add_grad(norm, skipped)
@@ -220,23 +253,23 @@ class StepModel:
         self.state.step += 1
         self._closed += 1
         self._open.clear()
-        self._open_sq = self._open_shard = self._open_found_inf = None
+        self._open_norm = self._open_shard = self._open_found_inf = self._open_clip = None
         self._open_skipped = False
 
     # ------------------------------------------------------------------------------------------- log_step
     def log_step(self, loss: Optional[torch.Tensor], grad_norm: Optional[torch.Tensor]) -> int:
         """Close what ``log_step`` closes and fold the loss in; returns the number of optimizer steps it closed."""
         model_only = [w for w in self.watched if w.optimizer is None]
-        if not self.has_optimizer:
-            for w in model_only:
-                self._take_stats(w)
-            self.close_step(grad_norm)
-        elif self._open:
-            for w in model_only:
-                self._take_stats(w)
+        if not self.has_optimizer or self._open:
+            self._take_clip()
+            read = [self._take_stats(w) for w in model_only]
+            if model_only and not any(read) and grad_norm is None and not self._warned_no_grad:
+                self._warned_no_grad = True
+                log.warning("watch(model) without an optimizer reads the gradients at log_step(), and none was "
+                            "there: call log_step() before zero_grad(), or watch(model, optimizer) (warned once)")
             self.close_step(grad_norm)
         if loss is not None:
-            self.totals.on(loss.device).fold_loss(loss)
+            self.totals.on(loss.device).log_loss(loss, self._closed)
         closed, self._closed = self._closed, 0
         if closed:
             self.totals.close_loss(closed)
@@ -256,6 +289,25 @@ class StepModel:
             self.totals.reader.submit(lr.reshape(()), lambda v: st.lrs.__setitem__(group, float(v)))
         elif lr is not None:
             self.state.lrs[group] = float(lr)
+
+
+def not_capturing(where: str) -> None:
+    """Raise a clear error inside a CUDA graph capture: the exporter's reads would be recorded once and replayed
+    blindly, and its host-side bookkeeping would not run at replay."""
+    if torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(f"training exporter: {where} ran inside a CUDA graph capture, which it cannot follow. "
+                           "Watch the model without its optimizer (exp.watch(model)) and call exp.log_step() after "
+                           "graph.replay(), outside the capture: it then reads the graph's static gradients.")
+
+
+def _stream(device: torch.device) -> Any:
+    return torch.cuda.current_stream(device) if device.type == "cuda" else None
+
+
+def _hypot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The L2 norm of two norms, on an accelerator when either is on one."""
+    home = a.device if a.device.type != "cpu" else b.device
+    return torch.hypot(to_home(a, home), to_home(b, home))
 
 
 def _combine(a: Optional[torch.Tensor], b: torch.Tensor) -> torch.Tensor:

@@ -184,3 +184,83 @@ def test_moe_on_the_gpu_builds_no_index_from_the_host(registry):
     assert registry.get_sample_value("training_grad_norm", labels) == pytest.approx(norms[-1], rel=1e-4)
     print(f"\nMoE on {torch.cuda.get_device_name()}: 2000 steps, grouping cache entries "
           f"{len(exp._steps.watched[0].stats.layouts)}")
+
+
+# ---------------------------------------------------------------------- host cost: fused clip, CUDA graphs
+
+def test_fused_clip_and_per_layer_norms_never_synchronise(registry):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 8)).cuda()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    exp = TrainingExporter(run="cuda", port=0, addr="127.0.0.1", registry=registry, detail_every=3)
+    exp.watch(model, optimizer)
+    x, y = torch.randn(32, 64, device="cuda"), torch.randn(32, 8, device="cuda")
+    norms = []
+
+    def step():
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        norms.append(exp.clip_grad_norm_(model.parameters(), 0.5))
+        optimizer.step()
+        optimizer.zero_grad()
+        exp.log_step(loss=loss)
+
+    step()
+    with _SyncChecked():
+        for _ in range(300):  # more than a ring holds: folds on the device too
+            step()
+    exp.close(stop_server=True)
+    labels = {"run": "cuda", "rank": "0"}
+    assert registry.get_sample_value("training_grad_norm", labels) == pytest.approx(float(norms[-1]), rel=1e-6)
+    total = float(torch.stack(norms).double().sum())
+    assert registry.get_sample_value("training_grad_norm_sum_total", labels) == pytest.approx(total, rel=1e-6)
+    assert registry.get_sample_value("training_layer_grad_norm", dict(labels, layer="0")) > 0
+
+
+def _graphed_step():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 8)).cuda()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, capturable=True)
+    x, y = torch.randn(32, 64, device="cuda"), torch.randn(32, 8, device="cuda")
+
+    def step():
+        optimizer.zero_grad(set_to_none=False)
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    return model, optimizer, step
+
+
+def test_cuda_graph_replays_are_read_after_replay(registry):
+    model, _, step = _graphed_step()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        loss = step()
+    exp = TrainingExporter(run="graph", port=0, addr="127.0.0.1", registry=registry)
+    exp.watch(model)  # no optimizer: its hooks would run only at capture
+    for _ in range(4):
+        graph.replay()
+        exp.log_step(loss=loss)
+    exp.close(stop_server=True)
+    labels = {"run": "graph", "rank": "0"}
+    assert registry.get_sample_value("training_step", labels) == 4
+    assert registry.get_sample_value("training_grad_norm", labels) == pytest.approx(_norm64(model.parameters()),
+                                                                                    rel=1e-5)
+
+
+def test_optimizer_hooks_refuse_a_cuda_graph_capture(registry):
+    model, optimizer, step = _graphed_step()
+    exp = TrainingExporter(run="graph", port=0, addr="127.0.0.1", registry=registry)
+    exp.watch(model, optimizer)
+    with pytest.raises(RuntimeError, match="CUDA graph capture"):
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            step()
+    exp.close(stop_server=True)
