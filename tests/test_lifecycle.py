@@ -1,5 +1,6 @@
 """The run's lifecycle in the training process: phases, the status a `with` block ends with, and SIGTERM with
 the handlers a process already has (the default one, torchrun's, a scheduler tool's), in real processes."""
+import contextlib
 import random
 import re
 import signal
@@ -263,10 +264,10 @@ def spring():
         signal.raise_signal(signal.SIGTERM)
 
 class Loss(torch.Tensor):
-    '''A loss whose reshape (done inside log_step's and log_eval's lock) delivers SIGTERM.'''
+    '''A loss that delivers SIGTERM at the first torch function the exporter calls on it inside its lock.'''
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
-        if func is torch.Tensor.reshape:
+        if exp.state.lock._main_depth:
             spring()
         return super().__torch_function__(func, types, args, kwargs or {{}})
 
@@ -331,6 +332,25 @@ class Scraper(threading.Thread):
             time.sleep(0.1)
 
 
+@contextlib.contextmanager
+def _scraped_child(code: str):
+    """A child process running ``code`` (it prints its port, then waits for "go" on stdin) and a Scraper on it;
+    both stopped on leaving."""
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    scraper = None
+    try:
+        line = proc.stdout.readline().split()
+        assert line[:1] == ["port"], proc.communicate(timeout=60)
+        scraper = Scraper(int(line[1]))
+        scraper.start()
+        yield proc, scraper
+    finally:
+        proc.kill()
+        if scraper is not None:
+            scraper.stop.set()
+
+
 @pytest.mark.parametrize("where,before,code", [(where, "", -signal.SIGTERM) for where in TRAPS]
                          + [("log_step", EXIT_3, 3)],
                          ids=[f"{where}-default-handler" for where in TRAPS] + ["log_step-python-handler"])
@@ -338,24 +358,13 @@ def test_sigterm_inside_the_exporters_lock_still_serves_interrupted(where, befor
     """The handler must not close the run halfway through an update, nor wait for the final scrape while the
     lock that scrape renders under is held: the scraper sees "interrupted" within a few seconds (not after
     close_timeout, 10 s, when the process dies unscraped), then the previous handler ends the process."""
-    proc = subprocess.Popen([sys.executable, "-c", TRAPPED.format(before=before, trap=TRAPS[where])],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    scraper = None
-    try:
-        line = proc.stdout.readline().split()
-        assert line[:1] == ["port"], proc.communicate(timeout=60)
-        scraper = Scraper(int(line[1]))
-        scraper.start()
+    with _scraped_child(TRAPPED.format(before=before, trap=TRAPS[where])) as (proc, scraper):
         while "running" not in scraper.first and proc.poll() is None:
             time.sleep(0.05)
         sent = time.monotonic()
         proc.stdin.write("go\n")
         proc.stdin.flush()
         out, err = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
-        if scraper is not None:
-            scraper.stop.set()
     assert "interrupted" in scraper.first, err
     assert scraper.first["interrupted"] - sent < 4, err
     assert proc.returncode == code, err
@@ -369,24 +378,13 @@ def test_sigterm_at_random_points_of_a_busy_loop_is_always_served_interrupted():
     trial: one try in six deadlocked): every try serves "interrupted" and ends as the default handler does."""
     rng = random.Random(4)
     for attempt in range(5):
-        proc = subprocess.Popen([sys.executable, "-c", TRAPPED.format(before="", trap=BUSY)], stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        scraper = None
-        try:
-            line = proc.stdout.readline().split()
-            assert line[:1] == ["port"], proc.communicate(timeout=60)
-            scraper = Scraper(int(line[1]))
-            scraper.start()
+        with _scraped_child(TRAPPED.format(before="", trap=BUSY)) as (proc, scraper):
             proc.stdin.write("go\n")
             proc.stdin.flush()
             time.sleep(rng.uniform(0.3, 0.8))
             sent = time.monotonic()
             proc.send_signal(signal.SIGTERM)
             _, err = proc.communicate(timeout=60)
-        finally:
-            proc.kill()
-            if scraper is not None:
-                scraper.stop.set()
         assert scraper.first.get("interrupted", float("inf")) - sent < 4, (attempt, err)
         assert proc.returncode == -signal.SIGTERM, (attempt, err)
 

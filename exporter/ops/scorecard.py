@@ -14,6 +14,7 @@ import re
 import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -119,35 +120,21 @@ def replay_together(runs: Sequence[Run], rule_dir: Path, generated: Optional[Seq
         probes.setdefault((end, end), len(probes))
         if run.onset is not None:
             probes.setdefault((end - run.onset, end), len(probes))
-    doc = {"rule_files": sorted(str(p.resolve()) for p in Path(rule_dir).glob("*.rules.yml")),
-           "evaluation_interval": f"{EVAL_INTERVAL}s",
-           "tests": [{"name": ", ".join(r.name for r in runs), "interval": f"{int(scrape)}s",
-                      "input_series": [x for series in inputs for x in series],
-                      "promql_expr_test": [_first_firing(k, rng, at, gaps) for (rng, at), k in probes.items()]}]}
+    order = sorted(probes, key=probes.get)
     generated_at = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="scorecard-") as tmp:
-        path = Path(tmp) / "replay.yml"
-        path.write_text(yaml.safe_dump(doc, sort_keys=False, width=1 << 20))
-        proc = subprocess.run([shutil.which("promtool") or "promtool", "test", "rules", str(path)],
-                              capture_output=True, text=True)
-    text = proc.stdout + proc.stderr
-    import sys
-    print(f"{doc['tests'][0]['name']}: generated in {generated_at - began:.1f} s, promtool "
+    got = _probe(", ".join(r.name for r in runs), scrape, [x for series in inputs for x in series],
+                 [(rng, at, gaps) for rng, at in order], rule_dir)
+    print(f"{', '.join(r.name for r in runs)}: generated in {generated_at - began:.1f} s, promtool "
           f"{time.perf_counter() - generated_at:.1f} s", file=sys.stderr)
-    if proc.returncode != 0 and "got:" not in text:
-        raise RuntimeError(f"promtool failed on {doc['tests'][0]['name']}:\n{text[-3000:]}")
-    # A failing probe prints what it got (a passing one, nothing fired, prints nothing): one line per alert.
-    got: Dict[Tuple[int, str], Dict[Tuple[str, str, str], float]] = {}
-    for inner, value in _GOT.findall(text):
-        lab = dict(re.findall(r'(\w+)="([^"]*)"', inner))
-        if "probe" in lab:
-            got.setdefault((int(lab["probe"]), lab["run"]), {})[
-                (lab["alertname"], lab.get("severity", ""), lab.get("namespace", ""))] = float(value)
+
+    def of(run: Run, probe: int) -> Dict[Tuple[str, str, str], float]:
+        return {key[:3]: at for key, at in got[probe].items() if key[3] == run.name}
+
     results = []
     for run, series in zip(runs, inputs):
         end = len(series[0]["values"].split()) * scrape
-        first = got.get((probes[(end, end)], run.name), {})
-        after = got.get((probes[(end - run.onset, end)], run.name), {}) if run.onset is not None else {}
+        first = of(run, probes[(end, end)])
+        after = of(run, probes[(end - run.onset, end)]) if run.onset is not None else {}
         results.append(score(Result(run, first, after)))
     return results
 
@@ -351,13 +338,15 @@ def _stale_input(targets: Targets, labels: Dict[str, str]) -> List[Dict[str, str
     return out
 
 
-def _promtool_firing(name: str, inputs: List[Dict[str, str]], interval: float, ranges: Sequence[float],
-                     at: float, rule_dir: Path) -> Dict[int, Firing]:
-    """For each range (seconds before ``at``), when each alert about a run first fired in it, per run."""
+def _probe(name: str, interval: float, inputs: List[Dict[str, str]],
+           probes: Sequence[Tuple[float, float, Sequence[Tuple[float, float]]]], rule_dir: Path
+           ) -> List[Dict[Tuple[str, str, str, str], float]]:
+    """Replay ``inputs`` through promtool against ``rule_dir`` and answer every probe (range, eval time, gaps):
+    when each alert about a run first fired in that range, keyed by (alert, severity, namespace, run)."""
     doc = {"rule_files": sorted(str(p.resolve()) for p in Path(rule_dir).glob("*.rules.yml")),
            "evaluation_interval": f"{EVAL_INTERVAL}s",
            "tests": [{"name": name, "interval": f"{int(interval)}s", "input_series": inputs,
-                      "promql_expr_test": [_first_firing(i, rng, at, []) for i, rng in enumerate(ranges)]}]}
+                      "promql_expr_test": [_first_firing(k, rng, at, gaps) for k, (rng, at, gaps) in enumerate(probes)]}]}
     with tempfile.TemporaryDirectory(prefix="scorecard-") as tmp:
         path = Path(tmp) / "replay.yml"
         path.write_text(yaml.safe_dump(doc, sort_keys=False, width=1 << 20))
@@ -366,14 +355,21 @@ def _promtool_firing(name: str, inputs: List[Dict[str, str]], interval: float, r
     text = proc.stdout + proc.stderr
     if proc.returncode != 0 and "got:" not in text:
         raise RuntimeError(f"promtool failed on {name}:\n{text[-3000:]}")
-    out: Dict[int, Firing] = {int(rng): {} for rng in ranges}
-    for rng, got in re.findall(rf"\[(\d+)s:{EVAL_INTERVAL}s\]\)\)[^\n]*\n(.*?)(?=expr:|\Z)", text, re.S):
-        got = got.split("got:", 1)[1] if "got:" in got else ""
-        for inner, value in _GOT.findall(got):
-            lab = dict(re.findall(r'(\w+)="([^"]*)"', inner))
-            out[int(rng)][(lab["alertname"], lab.get("severity", ""), lab.get("namespace", ""),
-                           lab.get("run", ""))] = float(value)
+    # A probe that saw an alert fails and prints what it got, one line per alert (one that saw none prints nothing).
+    out: List[Dict[Tuple[str, str, str, str], float]] = [{} for _ in probes]
+    for inner, value in _GOT.findall(text):
+        lab = dict(re.findall(r'(\w+)="([^"]*)"', inner))
+        if "probe" in lab:
+            out[int(lab["probe"])][(lab["alertname"], lab.get("severity", ""), lab.get("namespace", ""),
+                                    lab.get("run", ""))] = float(value)
     return out
+
+
+def _promtool_firing(name: str, inputs: List[Dict[str, str]], interval: float, ranges: Sequence[float],
+                     at: float, rule_dir: Path) -> Dict[int, Firing]:
+    """For each range (seconds before ``at``), when each alert about a run first fired in it, per run."""
+    got = _probe(name, interval, inputs, [(rng, at, []) for rng in ranges], rule_dir)
+    return {int(rng): got[i] for i, rng in enumerate(ranges)}
 
 
 def replay_lifecycle(run: Run, rule_dir: Path) -> LifecycleResult:
