@@ -127,3 +127,27 @@ def test_64_ranks_raise_one_alert_per_run(tmp_path):
     result = write_and_run(tmp_path, [group])
     assert result.returncode == 0, result.stdout + result.stderr
 
+
+
+def test_a_run_that_exits_gets_no_smoothed_loss_from_older_steps(tmp_path):
+    # One step a second, the loss falling from 2 to 1 over 40 minutes, then the process exits (stale markers).
+    # Its fast window empties; the slow window's mean of older, higher losses must not stand in for it (it read as
+    # a rise: TrainingDiverging at the end of healthy runs).
+    scrapes, labels = 160, dict(RUN)
+    losses = [2.0 - k / scrapes for k in range(scrapes)]
+    steps = [15 * (k + 1) for k in range(scrapes)]
+    positive = [sum(15 * x for x in losses[:k + 1]) for k in range(scrapes)]
+    squares = [sum(15 * x * x for x in losses[:k + 1]) for k in range(scrapes)]
+    series = {"training_loss_steps_total": steps, "training_loss_positive_sum_total": positive,
+              "training_loss_negative_sum_total": [0.0] * scrapes, "training_loss_squared_sum_total": squares,
+              'training_run_status{status="running"}': [1.0] * scrapes, "up": [1.0] * scrapes}
+    inputs = [{"series": item["series"], "values": item["values"] + " stale"}
+              for item in input_series(series, labels)]
+    smoothed = "count(run:training_loss:smoothed)"
+    group = {"name": "exit", "interval": "15s", "input_series": inputs,
+             "promql_expr_test": [{"expr": smoothed, "eval_time": "39m", "exp_samples": [{"value": 1}]},
+                                  {"expr": smoothed, "eval_time": "47m", "exp_samples": []},
+                                  {"expr": smoothed, "eval_time": "60m", "exp_samples": []}],
+             "alert_rule_test": [alert_test(m, "TrainingDiverging") for m in (41, 45, 50, 55, 60)]}
+    result = write_and_run(tmp_path, [group])
+    assert result.returncode == 0, result.stdout + result.stderr

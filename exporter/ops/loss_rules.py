@@ -49,15 +49,18 @@ def recording(t: Thresholds) -> Dict[str, str]:
 
     def ladder(fast: str, slow: str, w: str, w_slow: str) -> str:
         """``fast`` where the run's mean step rate over ``w_slow`` gave at least min_steps steps per ``w`` at any
-        time in the last ``w_slow``, else ``slow``. A run that stops (finished, hung, paused for an evaluation
-        outside a phase) keeps its fast window, which empties (no value, no verdict), instead of switching to a
-        longer mean of older, higher losses that reads as a rise."""
+        time in the last ``w_slow``, else ``slow``. A run that stops (finished, exited, hung, paused for an
+        evaluation outside a phase) keeps its fast window, which empties (no value, no verdict), instead of
+        switching to a longer mean of older, higher losses that reads as a rise."""
         ratio = num(t.seconds(f"windows.{w_slow}") / t.seconds(f"windows.{w}") * t.number("windows.min_steps"))
         window = t.duration("windows." + w_slow)
+        # Both branches are gated: once a process exits, its counters go stale and the fast branch is absent,
+        # not empty, so an ungated ``or`` would still fall back to the slow one.
+        fast_run = f"max_over_time({steps(window)}[{window}]) >= {ratio}"
         return f"""
-            ({fast}) and on ({ids}) (max_over_time({steps(window)}[{window}]) >= {ratio})
+            ({fast}) and on ({ids}) ({fast_run})
             or
-            ({slow})"""
+            ({slow}) unless on ({ids}) ({fast_run})"""
 
     def grad_mean(w: str) -> str:
         return f"{increase('training_grad_norm_sum_total', w)} / {increase('training_grad_norm_steps_total', w)}"
