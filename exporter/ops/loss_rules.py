@@ -57,8 +57,11 @@ def recording(t: Thresholds) -> Dict[str, str]:
         # Both branches are gated: once a process exits, its counters go stale and the fast branch is absent,
         # not empty, so an ungated ``or`` would still fall back to the slow one.
         fast_run = f"max_over_time({steps(window)}[{window}]) >= {ratio}"
+        # The fast window also needs a quarter of min_steps in it: as a stopped run's fast window empties, a mean
+        # of its last few steps is noise that a best-so-far would catch and a later value would read as a rise.
+        filled = f"{steps(t.duration('windows.' + w))} >= {num(t.number('windows.min_steps') / 4)}"
         return f"""
-            ({fast}) and on ({ids}) ({fast_run})
+            ({fast}) and on ({ids}) ({fast_run}) and on ({ids}) ({filled})
             or
             ({slow}) unless on ({ids}) ({fast_run})"""
 
