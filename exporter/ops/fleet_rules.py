@@ -42,7 +42,8 @@ def alerts(t: Thresholds) -> List[Alert]:
     where = " ".join(f"{label}={{{{ $labels.{label} }}}}" for label in scope) or "this Prometheus"
     minimum = fleet_min_runs(t)
     out = [Alert(fleet, f"""
-            count by ({", ".join(scope)}) (ALERTS{{alertname="{per_run}", alertstate="firing"}}) >= {num(minimum)}""",
+            count by ({", ".join(scope)}) (count by ({t.identity}) (ALERTS{{alertname="{per_run}", alertstate="firing"}}))
+              >= {num(minimum)}""",
                  "0m",
                  f"Many training runs of one scope {what} at once: one cause, one incident.",
                  f"{{{{ $value }}}} runs in {where} fire {per_run} (at least {minimum} make a fleet incident); their "
