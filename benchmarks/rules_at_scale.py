@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import platform
 import re
@@ -99,6 +100,59 @@ def backfill(templates: Sequence[OpenMetricsRun], runs: int, ranks: int, work: P
             "promtool_s": done - written, "blocks_mb": blocks / 1e6}
 
 
+def recording_levels(rules: Path) -> List[List[Dict]]:
+    """The recording rules of ``rules`` (each with its group's interval) in dependency order: level 0 reads only
+    scraped series, level n reads recordings of lower levels."""
+    found = [{**rule, "interval": group.get("interval")} for path in sorted(rules.glob("*.rules.yml"))
+             for group in yaml.safe_load(path.read_text())["groups"] for rule in group["rules"] if "record" in rule]
+    names = {rule["record"] for rule in found}
+    level: Dict[str, int] = {}
+
+    def depth(rule: Dict) -> int:
+        if rule["record"] not in level:
+            reads = set(re.findall(r"[a-zA-Z_:][a-zA-Z0-9_:]*", rule["expr"])) & names - {rule["record"]}
+            level[rule["record"]] = 1 + max((depth(next(r for r in found if r["record"] == name))
+                                             for name in reads), default=-1)
+        return level[rule["record"]]
+
+    levels: List[List[Dict]] = []
+    for rule in found:
+        n = depth(rule)
+        levels += [[] for _ in range(n + 1 - len(levels))]
+        levels[n].append(rule)
+    return levels
+
+
+def backfill_recordings(data: Path, rules: Path, start: float, end: float, work: Path) -> float:
+    """Give the recorded series of ``rules`` their history from ``start`` to ``end``, as a Prometheus that had
+    evaluated them all along would hold it: ``promtool tsdb create-blocks-from rules`` queries a Prometheus on
+    ``data`` for one dependency level at a time, and its blocks join ``data`` before the next level. Without
+    it the rules' long windows over recorded series would hold only the minutes since the rules were loaded,
+    and cost less than in a Prometheus that has run for hours."""
+    began = time.perf_counter()
+    for n, rules_of_level in enumerate(recording_levels(rules)):
+        here = work / f"level-{n}"
+        here.mkdir(parents=True)
+        by_interval: Dict[str, List[Dict]] = {}
+        for rule in rules_of_level:
+            by_interval.setdefault(rule["interval"], []).append({"record": rule["record"], "expr": rule["expr"]})
+        (here / "level.rules.yml").write_text(yaml.safe_dump({"groups": [
+            {"name": f"level-{n}-{i}", "interval": interval, "rules": group}
+            for i, (interval, group) in enumerate(by_interval.items())]}))
+        (here / "prometheus.yml").write_text(yaml.safe_dump({"global": {"evaluation_interval": "1m"}}))
+        (here / "prometheus-data").symlink_to(data.resolve())
+        with Prometheus(here / "prometheus.yml", here) as prom:
+            prom.wait_ready(timeout=600)
+            subprocess.run([binary("promtool"), "tsdb", "create-blocks-from", "rules", "--quiet",
+                            f"--start={int(start)}", f"--end={int(end)}", f"--url={prom.url}",
+                            f"--output-dir={here / 'blocks'}", str(here / "level.rules.yml")], check=True)
+        for block in (here / "blocks").iterdir():
+            shutil.move(str(block), data / block.name)
+        shutil.rmtree(here)
+        say(f"    recorded level {n}: {len(rules_of_level)} rules, {time.perf_counter() - began:.0f} s so far")
+    return time.perf_counter() - began
+
+
 def config(work: Path, rules: Path, evaluation: str, window: float) -> Path:
     path = work / "prometheus.yml"
     path.write_text(yaml.safe_dump({
@@ -145,7 +199,7 @@ def measure(prom: Prometheus, evaluations: int, deadline: float) -> Dict[str, Di
     return groups
 
 
-def table(title: str, groups: Dict[str, Dict], stats: Dict[str, float]) -> List[str]:
+def table(title: str, groups: Dict[str, Dict], stats: Dict[str, float], top: int) -> List[str]:
     lines = [f"#### {title}", "",
              "| group | interval | last duration | max duration | max % of interval | dominant rule (share) |",
              "| --- | --- | --- | --- | --- | --- |"]
@@ -159,6 +213,11 @@ def table(title: str, groups: Dict[str, Dict], stats: Dict[str, float]) -> List[
         rule, spent = max(g["rules"].items(), key=lambda kv: kv[1])
         lines.append(f"| {g['name']} | {interval:g} s | {g['last_duration'] * 1e3:.1f} ms | {worst * 1e3:.1f} ms | "
                      f"{100 * worst / interval:.2f}% | `{rule}` ({100 * spent / total:.0f}%) |")
+    for g in groups.values():
+        ranked = sorted(g["rules"].items(), key=lambda kv: -kv[1])[:top if top > 1 else 0]
+        total = sum(g["rules"].values()) or 1.0
+        lines += [f"- {g['name']}: " + ", ".join(f"`{rule}` {100 * spent / total:.0f}%" for rule, spent in ranked)
+                  ] if ranked else []
     counts = sorted({len(g["durations"]) for g in groups.values()})
     cpu = "" if cpu_share is None else f" Prometheus used {100 * cpu_share:.0f}% of one core meanwhile."
     lines += ["", f"Prometheus ready in {stats['ready_s']:.0f} s; {'-'.join(map(str, counts))} evaluations per "
@@ -172,10 +231,26 @@ def bench(runs: int, args: argparse.Namespace, evaluation: str) -> List[str]:
     start = float(int(time.time() - hours))
     say(f"{runs} runs x {args.ranks} ranks: {args.hours} of history and {args.ahead} ahead, "
         f"scraped every {args.scrape:g} s")
-    templates = render(Path(args.corpus), start, hours + ahead, args.scrape)
-    with tempfile.TemporaryDirectory(prefix="rules-at-scale-", dir=args.workdir) as tmp:
-        work = Path(tmp)
-        stats = backfill(templates, runs, args.ranks, work / "backfill")
+    with contextlib.ExitStack() as keep:
+        if args.keep:  # reuse a kept backfill of this size while its history still reaches past now
+            work = Path(args.keep) / f"{runs}x{args.ranks}"
+            saved = work / "backfill" / "stats.json"
+            stats = json.loads(saved.read_text()) if saved.exists() else None
+            if stats and stats["end"] - ahead / 2 < time.time():
+                shutil.rmtree(work)
+                stats = None
+            if stats:
+                start, hours = stats["end"] - ahead, stats["end"] - ahead - stats["start"]
+                say(f"  reusing the backfill in {work}: {(stats['end'] - time.time()) / 60:.0f} min of it left")
+        else:
+            work, stats = Path(keep.enter_context(tempfile.TemporaryDirectory(prefix="rules-at-scale-",
+                                                                              dir=args.workdir))), None
+        if stats is None:
+            work.mkdir(parents=True, exist_ok=True)
+            templates = render(Path(args.corpus), start, hours + ahead, args.scrape)
+            stats = backfill(templates, runs, args.ranks, work / "backfill")
+            stats.update(start=start, end=start + hours + ahead)
+            (work / "backfill" / "stats.json").write_text(json.dumps(stats))
         lines = [f"### {runs} runs x {args.ranks} ranks: {stats['series']:,} series, {stats['samples']:,} samples",
                  "",
                  f"OpenMetrics {stats['om_gb']:.2f} GB written in {stats['write_s']:.0f} s; promtool backfill "
@@ -186,7 +261,12 @@ def bench(runs: int, args: argparse.Namespace, evaluation: str) -> List[str]:
             proms = []
             for i, rules in enumerate(args.rules):
                 here = work / f"rules-{i}"
+                shutil.rmtree(here, ignore_errors=True)
                 shutil.copytree(work / "backfill" / "prometheus-data", here / "prometheus-data")
+                if args.recorded_history:
+                    say(f"  recorded history of {rules}")
+                    stats[f"recorded_s_{i}"] = backfill_recordings(here / "prometheus-data", Path(rules),
+                                                                   stats["start"], time.time(), here / "levels")
                 proms.append(stack.enter_context(Prometheus(config(here, Path(rules), evaluation, ahead + 600),
                                                             here)))
             began = time.perf_counter()
@@ -199,7 +279,7 @@ def bench(runs: int, args: argparse.Namespace, evaluation: str) -> List[str]:
                 measured = list(pool.map(lambda prom: measure(prom, args.evaluations, start + hours + ahead - 60),
                                          proms))
         for rules, groups in zip(args.rules, measured):
-            lines += table(f"rules: {rules}", groups, stats)
+            lines += table(f"rules: {rules}", groups, stats, args.top)
     print("\n".join(lines), flush=True)
     return lines
 
@@ -216,6 +296,12 @@ def main() -> int:
     parser.add_argument("--rules", nargs="+", default=[str(ROOT / "deploy" / "prometheus" / "rules")],
                         help="rule folders, each measured on the same backfilled data")
     parser.add_argument("--corpus", default=str(ROOT / "tests" / "corpus" / "corpus.yaml"))
+    parser.add_argument("--recorded-history", action="store_true",
+                        help="also backfill every recording rule's history (promtool tsdb create-blocks-from rules), "
+                             "as a Prometheus that had evaluated the rules all along holds it")
+    parser.add_argument("--top", type=int, default=1, help="list this many of each group's costliest rules")
+    parser.add_argument("--keep", help="keep each backfill in this folder and reuse it on later runs while its "
+                                       "history still reaches past now (for comparing rule versions)")
     parser.add_argument("--workdir", help="folder for the temporary data (default the system's temp folder)")
     args = parser.parse_args()
     deployed = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())

@@ -21,7 +21,7 @@ log = logging.getLogger("exporter")
 
 _BUCKETS = 16
 # Served by other collectors of the exporter (lifecycle.Phases).
-_ELSEWHERE = ("training_phase_start_timestamp_seconds",)
+_ELSEWHERE = ("training_phase_start_timestamp_seconds", "training_last_progress_timestamp_seconds")
 
 
 class TrainingLock:
@@ -123,6 +123,10 @@ class RunState(Collector):
                          for m in METRICS.values() if m.name not in _ELSEWHERE}
         self._formats["training_run_info"] = FamilyFormat("training_run_info", METRICS["training_run_info"].help,
                                                           "gauge", BASE_LABELS + info_names, self.base)
+
+    def last_progress(self) -> Optional[float]:
+        """The time of the latest step or evaluation, if any. Call with ``lock`` held."""
+        return max((t for t in (self.last_step_time, *self.eval_times.values()) if t is not None), default=None)
 
     def merge_steps(self, values: np.ndarray, when: float) -> None:
         """Fold a ``StepAccumulator`` snapshot (taken at ``when``) into the totals. Call with ``lock`` held."""

@@ -26,17 +26,22 @@ STARTUP, TRAIN = "startup", "train"
 MAX_PHASES = 16  # distinct phase names; more become "other" (a phase is a label value)
 _PHASE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 _PHASE_METRIC = "training_phase_start_timestamp_seconds"
+_PROGRESS_METRIC = "training_last_progress_timestamp_seconds"
 
 
 class Phases(Collector):
-    """The current phase and the Unix time it began, served as one series labelled with the phase.
+    """The current phase and the Unix time it began, served as one series labelled with the phase, and the
+    run's last progress: the latest of that time and ``progress()`` (its last step or evaluation), so the hang
+    rule reads one series per rank.
 
     A run starts in ``startup``; its first step moves it to ``train``. ``enter(name)`` switches at once and
     returns a context manager that switches back to the phase before it, whose clock then starts again.
     """
 
-    def __init__(self, base: tuple, dropped: Callable[[], None], lock: Any) -> None:
+    def __init__(self, base: tuple, dropped: Callable[[], None], lock: Any,
+                 progress: Callable[[], Optional[float]]) -> None:
         self._base = base
+        self._progress = progress
         self._dropped = dropped  # counts a name published as "other" in training_exporter_dropped_total
         # The run state's lock, not one of its own: a SIGTERM landing inside it is then deferred like one landing
         # in log_step (a lock the handler does not know of would block the final scrape).
@@ -77,11 +82,13 @@ class Phases(Collector):
         self.name, self.since = name, time.time()
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
-        metric = METRICS[_PHASE_METRIC]
-        family = GaugeMetricFamily(metric.name, metric.help, labels=BASE_LABELS + metric.labels)
+        phase, progress = METRICS[_PHASE_METRIC], METRICS[_PROGRESS_METRIC]
+        families = (GaugeMetricFamily(phase.name, phase.help, labels=BASE_LABELS + phase.labels),
+                    GaugeMetricFamily(progress.name, progress.help, labels=BASE_LABELS))
         with self._lock:
-            family.add_metric(self._base + (self.name,), self.since)
-        return [family]
+            families[0].add_metric(self._base + (self.name,), self.since)
+            families[1].add_metric(self._base, max(self.since, self._progress() or self.since))
+        return list(families)
 
 
 class PhaseBlock:
@@ -179,7 +186,7 @@ class Lifecycle:
                  handle_sigterm: bool) -> None:
         self._state = state
         self._close = close
-        self.phases = Phases(state.base, self._dropped_phase, state.lock)
+        self.phases = Phases(state.base, self._dropped_phase, state.lock, state.last_progress)
         registry.register(self.phases)
         self._sigterm = SigtermHandler(self._interrupted, state.lock.defer)
         if handle_sigterm:

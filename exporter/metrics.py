@@ -100,6 +100,8 @@ _DEFS = [
     Metric("training_phase_start_timestamp_seconds", "gauge", "Unix time the current phase began (startup until "
            "the first step, then train, or what exp.phase() marks: eval, checkpoint, ...); one series, labelled "
            "with the current phase.", ("phase",)),
+    Metric("training_last_progress_timestamp_seconds", "gauge", "Unix time of the latest sign of progress: a step, "
+           "an evaluation, or the start of the current phase (so the exporter's start before the first step)."),
 ]
 
 METRICS: dict[str, Metric] = {m.name: m for m in _DEFS}

@@ -109,7 +109,7 @@ def synthetic(minutes: int, loss=lambda step: 1.0, *, steps_per_minute: int = 60
         "training_step_duration_seconds_count", 'training_loss{split="train"}', "training_loss_recent_max",
         "training_grad_norm", "training_grad_norm_recent_max", "training_loss_nonfinite_total",
         "training_grad_nonfinite_total", "training_scaler_skipped_steps_total",
-        "training_last_step_timestamp_seconds")}
+        "training_last_step_timestamp_seconds", "training_last_progress_timestamp_seconds")}
     if val is not None:
         out['training_loss{split="val"}'] = []
         out['training_eval_timestamp_seconds{split="val"}'] = []
@@ -131,6 +131,7 @@ def synthetic(minutes: int, loss=lambda step: 1.0, *, steps_per_minute: int = 60
                         "training_scaler_skipped_steps_total"):
             out[counter].append(0)
         out["training_last_step_timestamp_seconds"].append(minute * 60)
+        out["training_last_progress_timestamp_seconds"].append(minute * 60)
         if val is not None:
             if minute > 0 and minute % eval_every == 0:
                 last_val, last_eval = val(minute), minute * 60

@@ -261,7 +261,7 @@ def test_overview_lists_runs_of_the_whole_range_and_links_them_with_their_time_r
 
 
 def test_dashboards_name_only_defined_metrics():
-    recorded = {r["record"] for r in rules.recording_rules(T)}
+    recorded = rules.recorded(T)
     known = sample_names() | recorded | {"ALERTS", "up"}
     for name in NAMES:
         for where, expr in exprs(load(name)):

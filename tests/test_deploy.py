@@ -41,8 +41,8 @@ def test_prometheusrule_manifest_is_the_generated_rules():
     path = DEPLOY / "kubernetes" / "prometheusrule.yaml"
     assert path.read_text() == rules.render_prometheus_rule(Thresholds.load(THRESHOLDS))
     groups = yaml.safe_load(path.read_text())["spec"]["groups"]
-    files = [yaml.safe_load((DEPLOY / "prometheus" / "rules" / name).read_text())["groups"][0]
-             for name in (rules.RECORDING_FILE, rules.ALERTS_FILE)]
+    files = [group for name in (rules.RECORDING_FILE, rules.ALERTS_FILE)
+             for group in yaml.safe_load((DEPLOY / "prometheus" / "rules" / name).read_text())["groups"]]
     assert groups == files
 
 

@@ -69,6 +69,7 @@ def proc(run: str, instance: str, minutes: int, *, start: int = 0, end: Optional
             put(f'training_run_status{{status="{s}"}}', m, float(s == current))
         put(f'training_phase_start_timestamp_seconds{{phase="{phase}"}}', m, since)
         put("training_last_step_timestamp_seconds", m, last)
+        put("training_last_progress_timestamp_seconds", m, max(since, last or since))
         put("training_step_duration_seconds_sum", m, dur_sum)
         put("training_step_duration_seconds_count", m, dur_count)
 

@@ -104,6 +104,8 @@ class Row:
         out["training_last_step_timestamp_seconds"] = [minute * 60.0 if s.get("training_step") else None
                                                        for minute, s in enumerate(self.scrapes)]
         out["training_run_start_timestamp_seconds"] = [0.0] * len(self.scrapes)
+        out["training_last_progress_timestamp_seconds"] = [
+            minute * 60.0 if s.get("training_step") else 0.0 for minute, s in enumerate(self.scrapes)]
         if "training_last_nonfinite_timestamp_seconds" in out:
             first = next(m for m, v in enumerate(out["training_last_nonfinite_timestamp_seconds"]) if v is not None)
             out["training_last_nonfinite_timestamp_seconds"] = [

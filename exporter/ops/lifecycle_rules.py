@@ -44,6 +44,10 @@ def recording(t: Thresholds) -> Dict[str, str]:
     floor, ceiling = t.seconds(HG + "floor"), t.seconds(HG + "ceiling")
     if floor > ceiling:
         raise ThresholdsError(f"{t.source}: {HG}floor must not exceed {HG}ceiling")
+    # The allowance is recorded once per trend interval: a phase's allowance must be in place before a run that
+    # entered the phase has been without progress for the train allowance and the alert's ``for``.
+    if t.seconds("trend_evaluation_interval") >= floor + t.seconds(HG + "for"):
+        raise ThresholdsError(f"{t.source}: trend_evaluation_interval must be shorter than {HG}floor + {HG}for")
     listed = "|".join([TRAIN, *phases])
     terms = [f'{PHASE}{{{s}, phase="{name}"}} * 0 + {num(sec)}' for name, sec in phases.items()]
     terms.append(f'{PHASE}{{{s}, phase!~"{listed}"}} * 0 + {num(t.seconds(HG + "other_phases"))}')
@@ -70,18 +74,18 @@ unless ignoring (phase) {PHASE}{{{s}, phase!="{TRAIN}"}}""")
     }
 
 
+def fast_recording(t: Thresholds) -> Dict[str, str]:
+    """None: the hang allowance and the last-scraped times change slowly (see ``trend_evaluation_interval``)."""
+    return {}
+
+
 def alerts(t: Thresholds) -> List[Alert]:
     """The lifecycle alerts."""
     ids, s = t.identity, t.text("selector")
     vanished_for = t.duration(TD + "vanished_for")
     return [Alert(*a) for a in (
         ("TrainingHung", f"""
-            time() - max by ({ids}) (
-              training_last_step_timestamp_seconds{{{s}}}
-              or training_eval_timestamp_seconds{{{s}}}
-              or {PHASE}{{{s}}}
-              or training_run_start_timestamp_seconds{{{s}}}
-            )
+            time() - max by ({ids}) (training_last_progress_timestamp_seconds{{{s}}})
             > on ({ids}) {ALLOWANCE}
             and on ({ids}) max by ({ids}) (training_run_status{{{s}, status="running"}}) == 1""",
          t.duration(HG + "for"),
@@ -93,7 +97,7 @@ def alerts(t: Thresholds) -> List[Alert]:
               max_over_time({LAST_RUNNING}[{vanished_for}])
               >= on ({ids}) max_over_time({LAST_SCRAPED}[{vanished_for}])
             )
-            unless on ({ids}) training_run_status{{{s}}}""",
+            unless on ({ids}) training_run_status{{{s}, status="running"}}""",
          t.duration(TD + "for"),
          "The exporters of a running training job cannot be scraped.",
          "Run {{ $labels.run }} has not been scraped for {{ $value | humanizeDuration }}, and its last scrape "

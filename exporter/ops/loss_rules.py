@@ -13,6 +13,25 @@ from typing import Dict, List
 from .rules import Alert, num
 from .thresholds import Thresholds
 
+# Seconds since the recording group's previous evaluation (the group's interval, unless Prometheus skipped one or
+# was restarted; a promtool test evaluates at its own interval): the time each per-run sample stands for (``over``).
+INTERVAL = "training:rule_evaluation:interval_seconds"
+RANK_STEPS_RATE, STEPS_RATE = "run_rank:training_steps:rate", "run:training_steps:rate"
+SKIPPED = "run:training_scaler_skipped_steps:increase_smoothing"
+START = "run:training_run_start_timestamp_seconds:min"
+LAST_NONFINITE = "run:training_last_nonfinite_timestamp_seconds:max"
+# The alerts that read only the trend group's recordings (no scraped series): evaluated at its interval.
+TREND_ALERTS = ("TrainingDiverging", "TrainingOverfitting", "TrainingPlateau", "TrainingLossDecreasingSlowly")
+
+
+def over(series: str, w: str, unit: float) -> str:
+    """The increase over ``w`` from a per-run recorded ``series`` that holds, at each evaluation, an increase over
+    the last ``unit`` seconds (a rate: ``unit`` 1). Consecutive samples overlap: each moment of ``w`` is counted
+    in about ``unit`` / (evaluation interval) of them. The moments of the window's last ``unit`` seconds are
+    counted less, those of the ``unit`` before it more: on a steady rate the two cancel."""
+    per_unit = "" if unit == 1 else f" / {num(unit)}"
+    return f"sum_over_time({series}[{w}]) * scalar(avg_over_time({INTERVAL}[{w}])){per_unit}"
+
 
 def recording(t: Thresholds) -> Dict[str, str]:
     """Series shared by dashboards and alerts, one per run unless the name says ``run_rank``."""
@@ -23,17 +42,34 @@ def recording(t: Thresholds) -> Dict[str, str]:
     split = t.text("eval_split")
     min_steps = num(t.number("windows.min_steps"))
 
-    # Range functions over every rank's counters are the bulk of the evaluation cost at many runs: each windowed
-    # per-run sum is recorded once (per distinct window, named by the first role that uses it) and read back by
-    # every rule below, which evaluates later in the same group at the same instant and so sees the same value.
+    # Range functions over every rank's series are the bulk of the evaluation cost at many runs, and their cost
+    # grows with the window (samples) and the ranks (series). So every rank's counters are read over one short
+    # window only, the smoothing window, and summed to one series per run; each longer window is taken over that
+    # per-run series (1 series per run, one sample per evaluation, instead of every rank's every scrape). Each
+    # windowed per-run sum is recorded once, named by the first role that uses its window, and read back by the
+    # rules after it, which evaluate later in the same group at the same instant and so see the same value.
     role_of: Dict[str, str] = {}
     for role in ("smoothing", "smoothing_slow", "trend", "trend_slow", "baseline", "lookback"):
         role_of.setdefault(t.duration(f"windows.{role}"), role)
-    per_run: Dict[str, str] = {}
+    per_run: Dict[str, str] = {
+        # Read back from its own previous sample; the configured interval at the first evaluation.
+        INTERVAL: f"time() - timestamp({INTERVAL}) or vector({num(t.seconds('trend_evaluation_interval'))})",
+        # Optimizer steps per second of each rank, and of the run (from the per-process step counter, so a
+        # resumed job whose global step jumps does not fake a flat slope).
+        RANK_STEPS_RATE: f"sum by ({ids}, rank) (rate(training_step_duration_seconds_count{{{s}}}[{smooth}]))",
+        STEPS_RATE: f"max by ({ids}) ({RANK_STEPS_RATE})",
+        # Steps whose update a gradient scaler skipped; the same on every rank (the scaler's check is reduced
+        # across ranks), so the largest rank's count is the run's.
+        SKIPPED: f"max by ({ids}) (increase(training_scaler_skipped_steps_total{{{s}}}[{smooth}]))",
+        # When the run's first exporter started (the plateau rules wait for the run to age).
+        START: f"min by ({ids}) (training_run_start_timestamp_seconds{{{s}}})",
+    }
 
     def increase(counter: str, w: str) -> str:
         name = f"run:{counter[:-len('_total')]}:increase_{role_of[w]}"
-        per_run.setdefault(name, f"sum by ({ids}) (increase({counter}{{{s}}}[{w}]))")
+        if name not in per_run:
+            per_run[name] = (f"sum by ({ids}) (increase({counter}{{{s}}}[{w}]))" if w == smooth else
+                             over(increase(counter, smooth), w, t.seconds("windows.smoothing")))
         return name
 
     def steps(w: str) -> str:
@@ -111,10 +147,8 @@ def recording(t: Thresholds) -> Dict[str, str]:
             f"(min_over_time(run:training_loss:smoothed[{trend_slow}] offset {trend_slow}) - "
             f"min_over_time(run:training_loss:smoothed[{trend_slow}])) / (run:training_loss:noise > 0)",
             "trend", "trend_slow"),
-        # Steps made over the trend window; from the per-process step counter, so a resumed job whose global
-        # step jumps does not fake a flat slope.
-        "run:training_step:advance": f"""
-            max by ({ids}) (increase(training_step_duration_seconds_count{{{s}}}[{trend}]))""",
+        # Steps made over the trend window.
+        "run:training_step:advance": over(STEPS_RATE, trend, 1),
         # The seed's moving-average slope, per step: loss units per optimizer step over the trend window.
         "run:training_loss:slope": f"""
             (run:training_loss:smoothed - run:training_loss:smoothed offset {trend})
@@ -124,11 +158,7 @@ def recording(t: Thresholds) -> Dict[str, str]:
         "run:training_loss:change_per_step": f"""
             (run:training_loss:smoothed - run:training_loss:smoothed offset {smooth})
               /
-            (max by ({ids}) (increase(training_step_duration_seconds_count{{{s}}}[{smooth}])) > 0)""",
-        # How far the largest recent step loss stands above the smoothed loss, in noise units: the spike signal.
-        "run:training_loss:spike_sigmas": f"""
-            (max by ({ids}) (training_loss_recent_max{{{s}}}) - run:training_loss:smoothed)
-              / (run:training_loss:noise > 0)""",
+            ({STEPS_RATE} * {num(t.seconds("windows.smoothing"))} > 0)""",
         # The learning rate relative to its highest value of the lookback window: near 1 the schedule has not
         # annealed it (a flat loss is stuck), near 0 it has (converged).
         "run:training_learning_rate:fraction_of_peak": f"""
@@ -157,13 +187,11 @@ def recording(t: Thresholds) -> Dict[str, str]:
         "run:training_grad_norm:baseline": ladder(grad_mean(baseline), grad_mean(lookback), "baseline", "lookback"),
         "run:training_samples:rate": f"""
             sum by ({ids}) (rate(training_samples_total{{{s}}}[{smooth}]))""",
-        "run:training_steps:rate": f"""
-            max by ({ids}) (rate(training_step_duration_seconds_count{{{s}}}[{smooth}]))""",
         # Per-rank step time: a straggler shows here.
         "run_rank:training_step_duration_seconds:mean": f"""
             sum by ({ids}, rank) (rate(training_step_duration_seconds_sum{{{s}}}[{smooth}]))
               /
-            sum by ({ids}, rank) (rate(training_step_duration_seconds_count{{{s}}}[{smooth}]))""",
+            {RANK_STEPS_RATE}""",
         # The global gradient norm of a job with sharded gradients (FSDP2), from each rank's share of the squared
         # norm: the exporter starts no collective. Ranks are sampled at their own last step.
         "run:training_grad_norm:global": f"""
@@ -171,6 +199,19 @@ def recording(t: Thresholds) -> Dict[str, str]:
     }
     # Recorded before the rules that read them, which the group evaluates after.
     return {**per_run, lr: f"max by ({ids}, param_group) (training_learning_rate{{{s}}})", **rules}
+
+
+def fast_recording(t: Thresholds) -> Dict[str, str]:
+    """The recordings that must be as fresh as a scrape: evaluated with the alerts."""
+    ids, s = t.identity, t.text("selector")
+    return {
+        # How far the largest recent step loss (the exporter's maximum over its last ``max_window``, which a
+        # slower evaluation could miss) stands above the smoothed loss, in noise units: the spike signal.
+        "run:training_loss:spike_sigmas": f"""
+            (max by ({ids}) (training_loss_recent_max{{{s}}}) - run:training_loss:smoothed)
+              / (run:training_loss:noise > 0)""",
+        LAST_NONFINITE: f"max by ({ids}) (training_last_nonfinite_timestamp_seconds{{{s}}})",
+    }
 
 
 def alerts(t: Thresholds) -> List[Alert]:
@@ -182,33 +223,35 @@ def alerts(t: Thresholds) -> List[Alert]:
     dv, of, pl = a + "TrainingDiverging.", a + "TrainingOverfitting.", a + "TrainingPlateau."
     sl = a + "TrainingLossDecreasingSlowly."
     nf_window, skip_window = t.duration(nf + "window"), t.duration(nf + "scaler_window")
-    old_enough = (f"(time() - min by ({ids}) (training_run_start_timestamp_seconds{{{s}}})) > "
-                  f"{num(t.seconds(pl + 'min_age'))}")
+    old_enough = f"(time() - {START}) > {num(t.seconds(pl + 'min_age'))}"
     annealed = num(t.number(pl + "annealed_lr_fraction"))
     flat = f"run:training_loss:improvement_sigmas < {num(t.number(pl + 'improvement_sigmas'))}"
     val_improving = (f"(run:training_eval_loss:best{{split=\"{split}\"}} offset {t.duration(pl + 'window')}"
                      f" - run:training_eval_loss:best{{split=\"{split}\"}})"
                      f" > ignoring (split) ({num(t.number(pl + 'improvement_sigmas'))} * run:training_loss:noise)")
-    last_nf = f"max by ({ids}) (training_last_nonfinite_timestamp_seconds{{{s}}})"
-    last_nf_before = f"max by ({ids}) (training_last_nonfinite_timestamp_seconds{{{s}}} offset {nf_window})"
-    return [Alert(*x) for x in (
+    skipped = over(SKIPPED, skip_window, t.seconds("windows.smoothing"))
+    last_nf = LAST_NONFINITE
+    # The second branch is a run first scraped with a non-finite step behind it (before its process's first
+    # scrape, or during a Prometheus outage). It reads every rank's series: the recorded one has no past when
+    # the rules are first loaded, and would page for every run with an old non-finite step.
+    return [Alert(*x)._replace(trend=x[0] in TREND_ALERTS) for x in (
         ("TrainingLossNotFinite", f"""
-            label_replace({last_nf} > {last_nf_before} or ({last_nf} unless {last_nf_before}),
+            label_replace(
+              {last_nf} > {last_nf} offset {nf_window}
+              or
+              ({last_nf} unless max by ({ids}) (training_last_nonfinite_timestamp_seconds{{{s}}} offset {nf_window})),
                           "cause", "nonfinite", "", "")
             or
             label_replace(
-              round(sum by ({ids}) (increase(training_scaler_skipped_steps_total{{{s}}}[{skip_window}])))
-                > {num(t.number(nf + "max_skipped_ratio"))}
-                * sum by ({ids}) (increase(training_step_duration_seconds_count{{{s}}}[{skip_window}]))
+              round({skipped}) > {num(t.number(nf + "max_skipped_ratio"))} * {over(STEPS_RATE, skip_window, 1)}
               and
-              round(sum by ({ids}) (increase(training_scaler_skipped_steps_total{{{s}}}[{skip_window}])))
-                >= {num(t.number(nf + "min_skipped_steps"))},
+              round({skipped}) >= {num(t.number(nf + "min_skipped_steps"))},
               "cause", "scaler_overflow", "", "")""",
          t.duration(nf + "for"),
          "Training loss or gradients became NaN or infinite.",
          # The label cause tells the value's kind: a Unix time (a non-finite step) or a count (scaler skips).
          "Run {{ $labels.run }}: {{ if eq $labels.cause \"nonfinite\" }}a step with a NaN/Inf loss or gradients "
-         "at {{ $value | humanizeTimestamp }} (within the last " + nf_window + "){{ else }}{{ $value }} "
+         "at {{ $value | humanizeTimestamp }} (within the last " + nf_window + "){{ else }}about {{ $value }} "
          "scaler-skipped steps in the last " + skip_window + ", more than half of its steps and at least "
          + num(t.number(nf + "min_skipped_steps")) + ": the loss scale keeps overflowing{{ end }}."),
         ("TrainingGradientExplosion", f"""

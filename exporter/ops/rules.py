@@ -8,12 +8,12 @@ The rules themselves live beside this module, one module per family of diagnoses
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, List, NamedTuple, Optional
+from typing import Any, Dict, List, NamedTuple, Optional, Set
 
 import yaml
 
 from .links import RUN_DASHBOARD, base_url, dashboard_url
-from .thresholds import Thresholds
+from .thresholds import Thresholds, ThresholdsError
 
 RECORDING_FILE = "training-recording.rules.yml"
 ALERTS_FILE = "training-alerts.rules.yml"
@@ -48,6 +48,8 @@ class Alert(NamedTuple):
     summary: str
     description: str
     dashboard: Optional[str] = RUN_DASHBOARD
+    # Reads only recordings of the trend group, which change once per trend interval: evaluated at that interval.
+    trend: bool = False
 
 
 def num(x: float) -> str:
@@ -80,17 +82,23 @@ def _families():
     return (loss_rules, lifecycle_rules, fleet_rules)
 
 
-def recording_rules(t: Thresholds) -> List[Dict[str, str]]:
-    """Every recording rule, as the rule file lists them."""
-    return [{"record": name, "expr": expr(text)} for family in _families() for name, text in family.recording(t).items()]
+def recording_rules(t: Thresholds, fast: bool = False) -> List[Dict[str, str]]:
+    """The recording rules of the trend group, or (``fast``) those evaluated first in the alerts' group."""
+    return [{"record": name, "expr": expr(text)} for family in _families()
+            for name, text in (family.fast_recording(t) if fast else family.recording(t)).items()]
 
 
-def alerting_rules(t: Thresholds) -> List[Dict[str, Any]]:
+def recorded(t: Thresholds) -> Set[str]:
+    """The name of every recorded series, in either group."""
+    return {r["record"] for fast in (False, True) for r in recording_rules(t, fast)}
+
+
+def alerting_rules(t: Thresholds, trend: Optional[bool] = None) -> List[Dict[str, Any]]:
     """The contract's alerts, the seed's other diagnoses, the fleet and pipeline alerts, each with severity,
     summary, description, runbook and (where it concerns runs) dashboard links."""
     runbook = base_url(t, "links.runbook_url")
     out = []
-    for alert in (a for family in _families() for a in family.alerts(t)):
+    for alert in (a for family in _families() for a in family.alerts(t) if trend in (None, a.trend)):
         severity = t.text("alerts.TrainingPlateau.severity") if alert.name == "TrainingPlateau" else SEVERITY[alert.name]
         annotations = {
             "summary": alert.summary,
@@ -124,11 +132,19 @@ _Dumper.add_representer(str, _str_presenter)
 
 def render(t: Thresholds) -> Dict[str, str]:
     """File name -> YAML text of the two rule files."""
-    interval = t.duration("evaluation_interval")
+    interval, trends = t.duration("evaluation_interval"), t.duration("trend_evaluation_interval")
+    if t.seconds("trend_evaluation_interval") < t.seconds("evaluation_interval"):
+        raise ThresholdsError(f"{t.source}: trend_evaluation_interval must be at least evaluation_interval")
     header = HEADER.format(source=Path(t.source).name)
+    # Two intervals: the recordings over long windows, which read every rank's series, and the alerts that read
+    # only them, every trend interval; the other alerts every evaluation interval, after the few recordings that
+    # must be as fresh as a scrape (first in their group, so the alerts read this evaluation's values).
     groups = {
-        RECORDING_FILE: {"groups": [{"name": "training.rules", "interval": interval, "rules": recording_rules(t)}]},
-        ALERTS_FILE: {"groups": [{"name": "training.alerts", "interval": interval, "rules": alerting_rules(t)}]},
+        RECORDING_FILE: {"groups": [{"name": "training.rules", "interval": trends, "rules": recording_rules(t)}]},
+        ALERTS_FILE: {"groups": [
+            {"name": "training.alerts", "interval": interval,
+             "rules": recording_rules(t, fast=True) + alerting_rules(t, trend=False)},
+            {"name": "training.trend_alerts", "interval": trends, "rules": alerting_rules(t, trend=True)}]},
     }
     return {name: header + yaml.dump(doc, Dumper=_Dumper, sort_keys=False, width=120)
             for name, doc in groups.items()}
