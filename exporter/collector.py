@@ -20,6 +20,9 @@ from .metrics import BASE_LABELS, DROP_KINDS, ERROR_SITES, METRICS, RUN_STATUSES
 log = logging.getLogger("exporter")
 
 _BUCKETS = 16
+# The eval-loss noise estimate: from each split's last _EVAL_HISTORY finite evaluations, once it has _EVAL_MIN.
+_EVAL_HISTORY = 16
+_EVAL_MIN = 5
 # Served by other collectors of the exporter (lifecycle.Phases).
 _ELSEWHERE = ("training_phase_start_timestamp_seconds",)
 
@@ -97,6 +100,8 @@ class RunState(Collector):
         self.evals: Dict[str, int] = {}
         self.eval_best: Dict[str, float] = {}
         self.evals_since_best: Dict[str, int] = {}
+        self._eval_history: Dict[str, collections.deque] = {}
+        self.eval_noise: Dict[str, float] = {}
         self.samples = 0.0
         self.duration_sum = 0.0
         self.duration_count = 0
@@ -159,6 +164,11 @@ class RunState(Collector):
             self.evals_since_best[split] = 0
         elif split in self.evals_since_best:
             self.evals_since_best[split] += 1
+        if math.isfinite(loss):  # a NaN evaluation says nothing about the spread of the others
+            history = self._eval_history.setdefault(split, collections.deque(maxlen=_EVAL_HISTORY))
+            history.append(loss)
+            if len(history) >= _EVAL_MIN:
+                self.eval_noise[split] = eval_noise(history)
 
     def recent_max(self, now: float) -> Tuple[float, float]:
         """Largest finite loss and grad norm of the steps within ``max_window`` seconds (a bucket with a step in
@@ -215,12 +225,24 @@ class RunState(Collector):
             ("training_evals_total", dict(self.evals)),
             ("training_eval_loss_best", dict(self.eval_best)),
             ("training_evals_since_best", dict(self.evals_since_best)),
+            ("training_eval_loss_noise", dict(self.eval_noise)),
             single("training_grad_norm_shard_squared", self.grad_shard_sq),
             single("training_grad_mean", self.grad_mean),
             ("training_layer_grad_norm", dict(self.layer_norms)),
             ("training_exporter_errors_total", dict(self.errors)),
             ("training_exporter_dropped_total", dict(self.dropped)),
         ]
+
+
+def eval_noise(losses) -> float:
+    """Standard deviation of one evaluation's loss around the curve, from consecutive evaluations: the root mean
+    square of the second differences over sqrt(6) (each is x[i-1] - 2 x[i] + x[i+1], of variance 6 sigma^2 for
+    independent noise). A linear trend cancels out of a second difference, so a val loss that rises steadily (the
+    overfitting it is compared with) does not read as noise; only the curve's bend does, which errs on the quiet
+    side."""
+    x = list(losses)
+    second = [x[i - 1] - 2 * x[i] + x[i + 1] for i in range(1, len(x) - 1)]
+    return math.sqrt(math.fsum(d * d for d in second) / (6 * len(second)))
 
 
 class Publisher(Collector):
