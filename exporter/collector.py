@@ -235,14 +235,15 @@ class RunState(Collector):
 
 
 def eval_noise(losses) -> float:
-    """Standard deviation of one evaluation's loss around the curve, from consecutive evaluations: the root mean
-    square of the second differences over sqrt(6) (each is x[i-1] - 2 x[i] + x[i+1], of variance 6 sigma^2 for
-    independent noise). A linear trend cancels out of a second difference, so a val loss that rises steadily (the
-    overfitting it is compared with) does not read as noise; only the curve's bend does, which errs on the quiet
-    side."""
+    """Standard deviation of one evaluation's loss around its curve, from consecutive evaluations: the sample
+    variance of the successive differences is twice the noise variance (each difference holds two evaluations'
+    independent noise), and their mean is the trend per evaluation, which it leaves out. So a val loss that rises
+    steadily (the overfitting it is compared with) does not read as noise; only a bend of the curve within the
+    history does, which errs on the quiet side."""
     x = list(losses)
-    second = [x[i - 1] - 2 * x[i] + x[i + 1] for i in range(1, len(x) - 1)]
-    return math.sqrt(math.fsum(d * d for d in second) / (6 * len(second)))
+    diffs = [b - a for a, b in zip(x, x[1:])]
+    mean = math.fsum(diffs) / len(diffs)
+    return math.sqrt(math.fsum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1) / 2)
 
 
 class Publisher(Collector):

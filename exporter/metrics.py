@@ -85,8 +85,8 @@ _DEFS = [
     Metric("training_evals_since_best", "gauge", "Evaluations with a loss since the best one of each split (0 at the "
            "best).", ("split",)),
     Metric("training_eval_loss_noise", "gauge", "Noise of each split's eval loss: the standard deviation of one "
-           "evaluation around the curve, from the second differences of its last 16 finite evaluations (a linear "
-           "trend cancels out); absent until it has 5.", ("split",)),
+           "evaluation around its curve, from the spread of the successive differences of its last 16 finite "
+           "evaluations (a steady trend is left out); absent until it has 5.", ("split",)),
     # Gradient detail.
     Metric("training_grad_norm_shard_squared", "gauge", "This rank's share of the squared global gradient norm at "
            "the last step, when gradients are sharded (FSDP2 DTensors); the ranks' values sum to the global "
