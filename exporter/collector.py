@@ -15,14 +15,11 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from . import device_stats as ds
 from .exposition import FamilyFormat, RenderedFamily
-from .metrics import BASE_LABELS, DROP_KINDS, ERROR_SITES, METRICS, RUN_STATUSES
+from .metrics import BASE_LABELS, DROP_KINDS, ERROR_SITES, EVAL_NOISE_HISTORY, EVAL_NOISE_MIN, METRICS, RUN_STATUSES
 
 log = logging.getLogger("exporter")
 
 _BUCKETS = 16
-# The eval-loss noise estimate: from each split's last _EVAL_HISTORY finite evaluations, once it has _EVAL_MIN.
-_EVAL_HISTORY = 16
-_EVAL_MIN = 5
 # Served by other collectors of the exporter (lifecycle.Phases).
 _ELSEWHERE = ("training_phase_start_timestamp_seconds",)
 
@@ -165,9 +162,9 @@ class RunState(Collector):
         elif split in self.evals_since_best:
             self.evals_since_best[split] += 1
         if math.isfinite(loss):  # a NaN evaluation says nothing about the spread of the others
-            history = self._eval_history.setdefault(split, collections.deque(maxlen=_EVAL_HISTORY))
+            history = self._eval_history.setdefault(split, collections.deque(maxlen=EVAL_NOISE_HISTORY))
             history.append(loss)
-            if len(history) >= _EVAL_MIN:
+            if len(history) >= EVAL_NOISE_MIN:
                 self.eval_noise[split] = eval_noise(history)
 
     def recent_max(self, now: float) -> Tuple[float, float]:

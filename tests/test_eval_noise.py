@@ -8,8 +8,7 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from conftest import value
-
-HISTORY, MIN_EVALS = 16, 5
+from exporter.metrics import EVAL_NOISE_HISTORY as HISTORY, EVAL_NOISE_MIN as MIN_EVALS
 
 
 def reference(losses):

@@ -273,7 +273,8 @@ def alerts(t: Thresholds) -> List[Alert]:
          "Validation loss rises while training loss falls: overfitting.",
          "Run {{ $labels.run }}: " + split + " loss has not improved for {{ $value }} evaluations and stands above "
          "its best by more than " + num(100 * t.number(of + "gap_widening")) + "% of the generalization gap at "
-         "that best and beyond the evaluations' own noise, while the train loss keeps at its lowest of the last " + lookback + "."),
+         "that best and beyond the evaluations' own noise, while the train loss keeps at its lowest of the last "
+         + lookback + "."),
         ("TrainingPlateau", f"""
             (
             label_replace(
