@@ -15,7 +15,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from . import device_stats as ds
 from .exposition import FamilyFormat, RenderedFamily
-from .metrics import BASE_LABELS, DROP_KINDS, ERROR_SITES, METRICS, RUN_STATUSES
+from .metrics import BASE_LABELS, DROP_KINDS, ERROR_SITES, EVAL_NOISE_HISTORY, EVAL_NOISE_MIN, METRICS, RUN_STATUSES
 
 log = logging.getLogger("exporter")
 
@@ -97,6 +97,8 @@ class RunState(Collector):
         self.evals: Dict[str, int] = {}
         self.eval_best: Dict[str, float] = {}
         self.evals_since_best: Dict[str, int] = {}
+        self._eval_history: Dict[str, collections.deque] = {}
+        self.eval_noise: Dict[str, float] = {}
         self.samples = 0.0
         self.duration_sum = 0.0
         self.duration_count = 0
@@ -163,6 +165,11 @@ class RunState(Collector):
             self.evals_since_best[split] = 0
         elif split in self.evals_since_best:
             self.evals_since_best[split] += 1
+        if math.isfinite(loss):  # a NaN evaluation says nothing about the spread of the others
+            history = self._eval_history.setdefault(split, collections.deque(maxlen=EVAL_NOISE_HISTORY))
+            history.append(loss)
+            if len(history) >= EVAL_NOISE_MIN:
+                self.eval_noise[split] = eval_noise(history)
 
     def recent_max(self, now: float) -> Tuple[float, float]:
         """Largest finite loss and grad norm of the steps within ``max_window`` seconds (a bucket with a step in
@@ -219,12 +226,25 @@ class RunState(Collector):
             ("training_evals_total", dict(self.evals)),
             ("training_eval_loss_best", dict(self.eval_best)),
             ("training_evals_since_best", dict(self.evals_since_best)),
+            ("training_eval_loss_noise", dict(self.eval_noise)),
             single("training_grad_norm_shard_squared", self.grad_shard_sq),
             single("training_grad_mean", self.grad_mean),
             ("training_layer_grad_norm", dict(self.layer_norms)),
             ("training_exporter_errors_total", dict(self.errors)),
             ("training_exporter_dropped_total", dict(self.dropped)),
         ]
+
+
+def eval_noise(losses) -> float:
+    """Standard deviation of one evaluation's loss around its curve, from consecutive evaluations: the sample
+    variance of the successive differences is twice the noise variance (each difference holds two evaluations'
+    independent noise), and their mean is the trend per evaluation, which it leaves out. So a val loss that rises
+    steadily (the overfitting it is compared with) does not read as noise; only a bend of the curve within the
+    history does, which errs on the quiet side."""
+    x = list(losses)
+    diffs = [b - a for a, b in zip(x, x[1:])]
+    mean = math.fsum(diffs) / len(diffs)
+    return math.sqrt(math.fsum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1) / 2)
 
 
 class Publisher(Collector):

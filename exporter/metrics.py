@@ -13,6 +13,10 @@ BASE_LABELS = ("run", "rank")
 ERROR_SITES = ("hook", "reader", "collect", "log")
 DROP_KINDS = ("config", "eval", "layer", "phase")
 RUN_STATUSES = ("running", "completed", "failed", "interrupted")
+# training_eval_loss_noise comes from each split's last EVAL_NOISE_HISTORY finite evaluations, once it has
+# EVAL_NOISE_MIN of them.
+EVAL_NOISE_HISTORY = 16
+EVAL_NOISE_MIN = 5
 
 
 @dataclass(frozen=True)
@@ -84,6 +88,10 @@ _DEFS = [
     Metric("training_eval_loss_best", "gauge", "Lowest finite eval loss of each split so far.", ("split",)),
     Metric("training_evals_since_best", "gauge", "Evaluations with a loss since the best one of each split (0 at the "
            "best).", ("split",)),
+    Metric("training_eval_loss_noise", "gauge", "Noise of each split's eval loss: the standard deviation of one "
+           "evaluation around its curve, from the spread of the successive differences of its last "
+           f"{EVAL_NOISE_HISTORY} finite evaluations (a steady trend is left out); absent until it has "
+           f"{EVAL_NOISE_MIN}.", ("split",)),
     # Gradient detail.
     Metric("training_grad_norm_shard_squared", "gauge", "This rank's share of the squared global gradient norm at "
            "the last step, when gradients are sharded (FSDP2 DTensors); the ranks' values sum to the global "

@@ -40,6 +40,15 @@ RUNS = [
     # a converged run with a small gap and evaluations as noisy as an evaluation of a few batches is not overfitting
     spec("noisy-evals", eval="30", loss={"start": 3.0, "end": 1.0, "tau": "30m", "noise": 0.05, "gap": 0.02,
                                          "eval_noise": 0.015}),
+    # overfitting judged against the evaluations' own noise, as in the recorded real-overfit run: evaluations 25
+    # times quieter than a train step (each averages many batches) and a val rise of a few of their deviations,
+    # far below one train step deviation, still seen within 30 minutes; and a converged run with as quiet
+    # evaluations, a small gap and an evaluation every 10 minutes for 12 hours is not overfitting
+    spec("overfit-quiet-evals", rate="1/s", duration="2h",
+         loss={"start": 3.0, "end": 1.0, "tau": "15m", "noise": 0.1, "gap": 0.05, "eval_noise": 0.004},
+         pathology={"kind": "overfit", "strength": "strong", "at": "1h", "rise": 0.15, "over": "1h"}),
+    spec("converged-quiet-evals", eval="10", duration="12h",
+         loss={"start": 3.0, "end": 1.0, "tau": "1h", "noise": 0.1, "gap": 0.02, "eval_noise": 0.004}),
     # gradient bursts relative to the run's own norm: a healthy norm of 2e4, a burst x100 over a norm of 1
     spec("bignorm", grad={"level": 2.0e4, "noise": 0.4}),
     spec("burst", pathology={"kind": "explode", "strength": "strong", "at": "3h", "factor": 100, "burst": "3m"}),
@@ -87,6 +96,15 @@ def test_overfitting_is_val_rising_while_train_falls_and_divergence_is_not_overf
 
 def test_noisy_evaluations_of_a_converged_run_are_not_overfitting(results):
     assert "TrainingOverfitting" not in alerts(results["noisy-evals"])
+
+
+def test_overfitting_is_a_val_rise_beyond_the_evaluations_own_noise(results):
+    quiet = results["overfit-quiet-evals"]
+    # The rise reaches one train step deviation (0.2) only 36 minutes after the onset: judged by the train noise,
+    # the alert would come after the 30 minutes allowed.
+    assert quiet.detected and quiet.delay <= 1800, quiet.first
+    assert "TrainingDiverging" not in alerts(quiet)
+    assert "TrainingOverfitting" not in alerts(results["converged-quiet-evals"])
 
 
 def test_gradient_bursts_and_growth_are_judged_against_the_runs_own_norm(results):

@@ -176,6 +176,10 @@ def recording(t: Thresholds) -> Dict[str, str]:
             min by ({ids}, split) (training_eval_loss_best{{{s}}})""",
         "run:training_evals:since_best": f"""
             max by ({ids}, split) (training_evals_since_best{{{s}}})""",
+        # The noise of one evaluation, from the exporter's spread of its recent evaluations; the largest rank's,
+        # which errs on the quiet side when ranks evaluate shards whose mean is less noisy.
+        "run:training_eval_loss:noise": f"""
+            max by ({ids}, split) (training_eval_loss_noise{{{s}}})""",
         # The seed's generalization gap: latest eval loss minus the smoothed train loss.
         "run:training_generalization_gap:current": f"""
             run:training_eval_loss:latest{{split="{split}"}} - ignoring (split) run:training_loss:smoothed""",
@@ -297,6 +301,11 @@ def alerts(t: Thresholds) -> List[Alert]:
               run:training_eval_loss:latest{{split="{split}"}} - run:training_eval_loss:best{{split="{split}"}}
               > ignoring (split)
               {num(t.number(of + "rise_noise"))} * run:training_loss:noise
+              or
+              run:training_eval_loss:latest{{split="{split}"}} - run:training_eval_loss:best{{split="{split}"}}
+              > ({num(t.number(of + "rise_eval_sigmas"))}
+                 + sqrt(2 * ln(max by ({ids}, split) (training_evals_total{{{s}, split="{split}"}}))))
+                * run:training_eval_loss:noise{{split="{split}"}}
             )
             and on ({ids})
             run:training_loss:smoothed
@@ -307,7 +316,8 @@ def alerts(t: Thresholds) -> List[Alert]:
          "Validation loss rises while training loss falls: overfitting.",
          "Run {{ $labels.run }}: " + split + " loss has not improved for {{ $value }} evaluations and stands above "
          "its best by more than " + num(100 * t.number(of + "gap_widening")) + "% of the generalization gap at "
-         "that best and beyond the run's noise, while the train loss keeps at its lowest of the last " + lookback + "."),
+         "that best and beyond the evaluations' own noise, while the train loss keeps at its lowest of the last "
+         + lookback + "."),
         ("TrainingPlateau", f"""
             (
             label_replace(
