@@ -180,6 +180,9 @@ def recording(t: Thresholds) -> Dict[str, str]:
         # which errs on the quiet side when ranks evaluate shards whose mean is less noisy.
         "run:training_eval_loss:noise": f"""
             max by ({ids}, split) (training_eval_loss_noise{{{s}}})""",
+        # Evaluations of each split by the run's process (the best is the lowest of this many).
+        "run:training_evals:count": f"""
+            max by ({ids}, split) (training_evals_total{{{s}}})""",
         # The seed's generalization gap: latest eval loss minus the smoothed train loss.
         "run:training_generalization_gap:current": f"""
             run:training_eval_loss:latest{{split="{split}"}} - ignoring (split) run:training_loss:smoothed""",
@@ -304,7 +307,7 @@ def alerts(t: Thresholds) -> List[Alert]:
               or
               run:training_eval_loss:latest{{split="{split}"}} - run:training_eval_loss:best{{split="{split}"}}
               > ({num(t.number(of + "rise_eval_sigmas"))}
-                 + sqrt(2 * ln(max by ({ids}, split) (training_evals_total{{{s}, split="{split}"}}))))
+                 + sqrt(2 * ln(run:training_evals:count{{split="{split}"}})))
                 * run:training_eval_loss:noise{{split="{split}"}}
             )
             and on ({ids})
