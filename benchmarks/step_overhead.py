@@ -82,7 +82,7 @@ def main() -> None:
     n_params = sum(1 for _ in model.parameters())
     print(f"device {args.device}, MLP {args.depth}x{args.width} ({n_params} tensors), batch {args.batch}, "
           f"{args.rounds} rounds x {args.steps} steps")
-    print(f"| gradient statistics per step | median step | overhead |\n| --- | --- | --- |")
+    print("| gradient statistics per step | median step | overhead |\n| --- | --- | --- |")
     for variant in variants:
         med = statistics.median(times[variant])
         print(f"| {variant} | {med * 1e3:.3f} ms | {100 * (med / base - 1):+.1f}% |")
