@@ -68,11 +68,13 @@ def fired(test_name: str, minutes: int) -> Dict:
             "eval_time": f"{minutes}m"}
 
 
-def write_and_run(tmp: Path, tests: List[Dict], rule_dir: Path = RULES_DIR) -> subprocess.CompletedProcess:
-    """Write one promtool test file with ``tests`` (test groups) against the rule files in ``rule_dir``."""
+def write_and_run(tmp: Path, tests: List[Dict], rule_dir: Path = RULES_DIR,
+                  evaluation: str = "1m") -> subprocess.CompletedProcess:
+    """Write one promtool test file with ``tests`` (test groups) against the rule files in ``rule_dir``; promtool
+    evaluates every group each ``evaluation``."""
     doc = {
         "rule_files": sorted(str(p) for p in rule_dir.glob("*.rules.yml")),
-        "evaluation_interval": "1m",
+        "evaluation_interval": evaluation,
         "tests": tests,
     }
     path = tmp / "rules_test.yml"

@@ -19,7 +19,7 @@ from exporter import TrainingExporter
 from exporter.ops import rules
 from exporter.ops.thresholds import Thresholds, ThresholdsError
 from exporter.stack.servers import DEPLOY, Prometheus, free_port
-from promtool import THRESHOLDS, alert_test, fired, firing, generated_rules, write_and_run
+from promtool import RULES_DIR, THRESHOLDS, alert_test, fired, firing, generated_rules, write_and_run
 
 STATUSES = ("running", "completed", "failed", "interrupted")
 
@@ -90,11 +90,11 @@ def proc(run: str, instance: str, minutes: int, *, start: int = 0, end: Optional
     return series
 
 
-def alerts_over(tmp_path, series, minutes, rule_dir=None) -> List[tuple]:
+def alerts_over(tmp_path, series, minutes, rule_dir=None, evaluation="1m") -> List[tuple]:
     """Every (alertname, run) that fired at any time of ``minutes``."""
     test = {"name": "row", "interval": "1m", "input_series": series,
             "promql_expr_test": [dict(fired("row", minutes), exp_samples=[])]}
-    result = write_and_run(tmp_path, [test], *([rule_dir] if rule_dir else []))
+    result = write_and_run(tmp_path, [test], rule_dir or RULES_DIR, evaluation)
     if result.returncode == 0:
         return []
     out = result.stdout + result.stderr
@@ -125,6 +125,14 @@ def test_clean_exit_after_close_raises_nothing(tmp_path):
     """close() at minute 30; the final scrape (which close() waits for) says completed; the process exits."""
     series = proc("r1", "node-1:9945", 120, end=32, status={30: "completed"})
     assert alerts_over(tmp_path, series, 119) == []
+
+
+def test_a_final_scrape_between_two_evaluations_is_still_a_clean_exit(tmp_path):
+    """Rules evaluated less often than the target is scraped (every 2 minutes, scrapes every minute, as the trend
+    group at 2 minutes against a 15 s scrape): the final scrape's "completed", current for one scrape interval
+    only, falls between two evaluations (minute 29). The run still ended cleanly."""
+    series = proc("r1", "node-1:9945", 120, end=30, status={29: "completed"})
+    assert alerts_over(tmp_path, series, 119, evaluation="2m") == []
 
 
 def test_exit_before_any_scrape_saw_the_end_is_target_down(tmp_path):

@@ -9,7 +9,7 @@ import subprocess
 import pytest
 import yaml
 
-from exporter.ops import rules
+from exporter.ops import lifecycle_rules, rules
 from exporter.ops.thresholds import Thresholds, ThresholdsError, duration_seconds
 from exporter.__main__ import main as cli
 from exporter.metrics import sample_names
@@ -72,14 +72,16 @@ def test_rules_read_only_defined_metrics():
 
 def test_long_windows_read_one_series_per_run_and_trend_alerts_only_recordings():
     # The rules' cost at scale: every rank's series are read over the smoothing window at most (longer windows
-    # scan the per-run recordings), and the alerts evaluated at the trend interval read recordings only.
+    # scan the per-run recordings; the last served status over 5 minutes), and the alerts evaluated at the trend
+    # interval read recordings only.
     t = Thresholds.load(THRESHOLDS)
     recorded, smoothing = rules.recorded(t), t.duration("windows.smoothing")
+    assert lifecycle_rules.seen_window(t) == "300s" and smoothing == "5m"
     groups = {g["name"]: g for path in RULES_DIR.glob("*.yml") for g in yaml.safe_load(path.read_text())["groups"]}
     assert groups["training.rules"]["interval"] == groups["training.trend_alerts"]["interval"] == "2m"
     for rule in groups["training.rules"]["rules"]:
         for name, window in re.findall(r"(\w*training_\w+)\{[^}]*\}\[(\w+)\]", rule["expr"]):
-            assert window == smoothing, (rule["record"], name, window)
+            assert window in (smoothing, "300s"), (rule["record"], name, window)
     trend_alerts = groups["training.trend_alerts"]["rules"]
     assert {r["alert"] for r in trend_alerts} == {"TrainingDiverging", "TrainingOverfitting", "TrainingPlateau",
                                                   "TrainingLossDecreasingSlowly"}
@@ -92,6 +94,10 @@ def test_long_windows_read_one_series_per_run_and_trend_alerts_only_recordings()
     (lambda d: d["windows"].update(trend="30 minutes"), "windows.trend: '30 minutes' is not a Prometheus duration"),
     (lambda d: d["alerts"]["TrainingLossSpike"].update(sigmas=-1), "sigmas must be a positive number"),
     (lambda d: d.update(selector=""), "selector must be a non-empty string"),
+    (lambda d: d.update(trend_evaluation_interval="15s"), "trend_evaluation_interval must be at least evaluation_interval"),
+    (lambda d: d.update(trend_evaluation_interval="3m"), "trend_evaluation_interval must be at most half of windows.smoothing"),
+    (lambda d: d["alerts"]["TrainingHung"].update(floor="30s", **{"for": "30s"}),
+     "trend_evaluation_interval must be shorter than alerts.TrainingHung.floor + alerts.TrainingHung.for"),
 ])
 def test_bad_thresholds_are_named(tmp_path, change, message):
     data = yaml.safe_load(THRESHOLDS.read_text())

@@ -14,12 +14,12 @@ from __future__ import annotations
 import textwrap
 from typing import Dict, List
 
-from .rules import Alert, num
+from .rules import Alert, num, seconds
 from .thresholds import Thresholds, ThresholdsError
 
 HG, TD = "alerts.TrainingHung.", "alerts.TrainingTargetDown."
 ALLOWANCE = "run:training_hang_allowance:seconds"
-LAST_RUNNING = "run:training_run_status:last_running_timestamp"
+LAST_SEEN_RUNNING = "run:training_run_status:last_seen_running"
 LAST_SCRAPED = "run:training_run_status:last_scraped_timestamp"
 PHASE = "training_phase_start_timestamp_seconds"
 TRAIN = "train"
@@ -35,6 +35,11 @@ def phase_allowances(t: Thresholds) -> Dict[str, float]:
             raise ThresholdsError(f"{t.source}: {HG}phases: {name!r} is not a phase name (the allowance of "
                                   f"{TRAIN!r} adapts to the step time: set step_factor, floor and ceiling)")
     return {name: t.seconds(f"{HG}phases.{name}") for name in phases}
+
+
+def seen_window(t: Thresholds) -> str:
+    """How far back the last served status is looked for: at least two trend evaluations and 5 minutes."""
+    return seconds(max(300.0, 2 * t.seconds("trend_evaluation_interval")))
 
 
 def recording(t: Thresholds) -> Dict[str, str]:
@@ -65,11 +70,11 @@ unless ignoring (phase) {PHASE}{{{s}, phase!="{TRAIN}"}}""")
         # Per rank, the allowance of its phase; per run, the most lenient rank's (one rank saves the
         # checkpoint while the others wait in "train").
         ALLOWANCE: f"max by ({ids}) (\n" + textwrap.indent("\nor ".join(terms), "  ") + "\n)",
-        LAST_RUNNING: f"""
-            max by ({ids}) (
-              timestamp(training_run_status{{{s}, status="running"}})
-              and training_run_status{{{s}, status="running"}} == 1
-            )""",
+        # 1 while the last status any process of the run served said running, 0 once the last said it ended.
+        # A range, not an instant read: the final scrape's "completed" is current for one scrape interval
+        # only (the process exits right after it), which an evaluation less frequent than the scrape misses.
+        LAST_SEEN_RUNNING: f"""
+            max by ({ids}) (last_over_time(training_run_status{{{s}, status="running"}}[{seen_window(t)}]))""",
         LAST_SCRAPED: f"""max by ({ids}) (timestamp(training_run_status{{{s}, status="running"}}))""",
     }
 
@@ -93,10 +98,8 @@ def alerts(t: Thresholds) -> List[Alert]:
          "Run {{ $labels.run }} made no step for {{ $value | humanizeDuration }}, longer than its phase allows, "
          "and has not reported that it ended."),
         ("TrainingTargetDown", f"""
-            time() - (
-              max_over_time({LAST_RUNNING}[{vanished_for}])
-              >= on ({ids}) max_over_time({LAST_SCRAPED}[{vanished_for}])
-            )
+            time() - max_over_time({LAST_SCRAPED}[{vanished_for}])
+            and on ({ids}) last_over_time({LAST_SEEN_RUNNING}[{vanished_for}]) == 1
             unless on ({ids}) training_run_status{{{s}, status="running"}}""",
          t.duration(TD + "for"),
          "The exporters of a running training job cannot be scraped.",

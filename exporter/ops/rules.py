@@ -135,6 +135,10 @@ def render(t: Thresholds) -> Dict[str, str]:
     interval, trends = t.duration("evaluation_interval"), t.duration("trend_evaluation_interval")
     if t.seconds("trend_evaluation_interval") < t.seconds("evaluation_interval"):
         raise ThresholdsError(f"{t.source}: trend_evaluation_interval must be at least evaluation_interval")
+    # The longer windows sum the per-run increases over the smoothing window recorded at each trend evaluation:
+    # each moment must fall in at least two of them.
+    if 2 * t.seconds("trend_evaluation_interval") > t.seconds("windows.smoothing"):
+        raise ThresholdsError(f"{t.source}: trend_evaluation_interval must be at most half of windows.smoothing")
     header = HEADER.format(source=Path(t.source).name)
     # Two intervals: the recordings over long windows, which read every rank's series, and the alerts that read
     # only them, every trend interval; the other alerts every evaluation interval, after the few recordings that
