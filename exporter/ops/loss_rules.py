@@ -304,8 +304,6 @@ def alerts(t: Thresholds) -> List[Alert]:
               run:training_eval_loss:latest{{split="{split}"}} - run:training_eval_loss:best{{split="{split}"}}
               > ignoring (split)
               {num(t.number(of + "rise_noise"))} * run:training_loss:noise
-              unless on ({ids})
-              run:training_eval_loss:noise{{split="{split}"}} > ignoring (split) run:training_loss:noise
               or
               run:training_eval_loss:latest{{split="{split}"}} - run:training_eval_loss:best{{split="{split}"}}
               > ({num(t.number(of + "rise_eval_sigmas"))}
