@@ -75,6 +75,7 @@ def write_and_run(tmp: Path, tests: List[Dict], rule_dir: Path = RULES_DIR,
     doc = {
         "rule_files": sorted(str(p) for p in rule_dir.glob("*.rules.yml")),
         "evaluation_interval": evaluation,
+        "group_eval_order": list(rules.GROUP_ORDER),
         "tests": tests,
     }
     path = tmp / "rules_test.yml"

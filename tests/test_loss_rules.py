@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from exporter.ops import scorecard
+from exporter.ops import rules, scorecard
 from exporter.ops.simulate import Run, scrape_series
 from exporter.stack.servers import binary
 
@@ -126,6 +126,7 @@ def test_plateau_tells_stuck_from_converged_by_the_learning_rate(tmp_path):
                   {"job": "training", "namespace": "ns-a", "instance": cause})]
     expr = 'count by (run, cause) (ALERTS{alertname="TrainingPlateau", alertstate="firing"})'
     doc = {"rule_files": [str(p) for p in sorted(RULES.glob("*.rules.yml"))], "evaluation_interval": "30s",
+           "group_eval_order": list(rules.GROUP_ORDER),
            "tests": [{"interval": "60s", "input_series": inputs,
                       "promql_expr_test": [{"expr": expr, "eval_time": "8h", "exp_samples": [
                           {"labels": f'{{run="{cause}", cause="{cause}"}}', "value": 1} for cause in causes]}]}]}

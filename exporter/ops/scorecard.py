@@ -24,7 +24,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 import yaml
 
 from . import rules as rulegen
-from .rules import num
+from .rules import GROUP_ORDER, num
 from .simulate import Run, Series, Targets, _seconds, lifecycle_series, scrape_series
 from .thresholds import Thresholds
 
@@ -347,6 +347,7 @@ def _probe(name: str, interval: float, inputs: List[Dict[str, str]],
     when each alert about a run first fired in that range, keyed by (alert, severity, namespace, run)."""
     doc = {"rule_files": sorted(str(p.resolve()) for p in Path(rule_dir).glob("*.rules.yml")),
            "evaluation_interval": f"{EVAL_INTERVAL}s",
+           "group_eval_order": list(GROUP_ORDER),
            "tests": [{"name": name, "interval": f"{int(interval)}s", "input_series": inputs,
                       "promql_expr_test": [_first_firing(k, rng, at, gaps) for k, (rng, at, gaps) in enumerate(probes)]}]}
     with tempfile.TemporaryDirectory(prefix="scorecard-") as tmp:
