@@ -11,9 +11,12 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 PARENT = """
-import sys, time
+import signal, sys, time
 from pathlib import Path
 from exporter.stack.servers import DemoRun, ManagedProcess, Pushgateway, free_port, stop_on_signals
+# A parent in a terminal's foreground: Ctrl-C raises KeyboardInterrupt. A suite started in the background by a
+# non-interactive shell (`make test &`) passes SIGINT on ignored, which Python then keeps ignoring.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 work = Path(sys.argv[1])
 children = []
 with stop_on_signals():
