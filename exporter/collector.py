@@ -15,7 +15,8 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from . import device_stats as ds
 from .exposition import FamilyFormat, RenderedFamily
-from .metrics import BASE_LABELS, DROP_KINDS, ERROR_SITES, EVAL_NOISE_HISTORY, EVAL_NOISE_MIN, METRICS, RUN_STATUSES
+from .metrics import (BASE_LABELS, DROP_KINDS, ERROR_SITES, EVAL_NOISE_BEND, EVAL_NOISE_HISTORY, EVAL_NOISE_MIN,
+                      METRICS, RUN_STATUSES)
 
 log = logging.getLogger("exporter")
 
@@ -169,7 +170,10 @@ class RunState(Collector):
             history = self._eval_history.setdefault(split, collections.deque(maxlen=EVAL_NOISE_HISTORY))
             history.append(loss)
             if len(history) >= EVAL_NOISE_MIN:
-                self.eval_noise[split] = eval_noise(history)
+                noise = eval_noise(history)
+                # Kept once shown: a later bend of the curve only inflates it, which errs on the quiet side.
+                if split in self.eval_noise or noise <= EVAL_NOISE_BEND * eval_noise(history, order=2):
+                    self.eval_noise[split] = noise
 
     def recent_max(self, now: float) -> Tuple[float, float]:
         """Largest finite loss and grad norm of the steps within ``max_window`` seconds (a bucket with a step in
@@ -235,16 +239,17 @@ class RunState(Collector):
         ]
 
 
-def eval_noise(losses) -> float:
-    """Standard deviation of one evaluation's loss around its curve, from consecutive evaluations: the sample
-    variance of the successive differences is twice the noise variance (each difference holds two evaluations'
-    independent noise), and their mean is the trend per evaluation, which it leaves out. So a val loss that rises
-    steadily (the overfitting it is compared with) does not read as noise; only a bend of the curve within the
-    history does, which errs on the quiet side."""
-    x = list(losses)
-    diffs = [b - a for a, b in zip(x, x[1:])]
-    mean = math.fsum(diffs) / len(diffs)
-    return math.sqrt(math.fsum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1) / 2)
+def eval_noise(losses, order: int = 1) -> float:
+    """Standard deviation of one evaluation's loss around its curve, from the differences of ``order`` of
+    consecutive evaluations (Rice's estimator at order 1): an order-k difference of independent noise has
+    C(2k, k) times its variance, and the mean of the differences (a trend of degree k) is left out. So a val loss
+    that rises steadily (the overfitting it is compared with) does not read as noise at order 1, nor a steadily
+    bending one at order 2; a bend within the history inflates the order-1 estimate far more than the order-2 one."""
+    x = [float(v) for v in losses]
+    for _ in range(order):
+        x = [b - a for a, b in zip(x, x[1:])]
+    mean = math.fsum(x) / len(x)
+    return math.sqrt(math.fsum((d - mean) ** 2 for d in x) / (len(x) - 1) / math.comb(2 * order, order))
 
 
 class Publisher(Collector):

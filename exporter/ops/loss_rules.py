@@ -237,6 +237,10 @@ def alerts(t: Thresholds) -> List[Alert]:
                      f" - run:training_eval_loss:best{{split=\"{split}\"}})"
                      f" > ignoring (split) ({num(t.number(pl + 'improvement_sigmas'))} * run:training_loss:noise)")
     skipped = over(SKIPPED, skip_window, t.seconds("windows.smoothing"))
+    rise = f'(run:training_eval_loss:latest{{split="{split}"}} - run:training_eval_loss:best{{split="{split}"}})'
+    # The evaluations' own noise, once the exporter has measured it; kept over the lookback so that a resumed
+    # process, which must make its own evaluations before it publishes one, is judged by the run's.
+    eval_noise = f'last_over_time(run:training_eval_loss:noise{{split="{split}"}}[{lookback}])'
     last_nf = LAST_NONFINITE
     # The second branch is a run first scraped with a non-finite step behind it (before its process's first
     # scrape, or during a Prometheus outage). It reads every rank's series: the recorded one has no past when
@@ -301,14 +305,11 @@ def alerts(t: Thresholds) -> List[Alert]:
             )
             and on ({ids})
             (
-              run:training_eval_loss:latest{{split="{split}"}} - run:training_eval_loss:best{{split="{split}"}}
-              > ignoring (split)
-              {num(t.number(of + "rise_noise"))} * run:training_loss:noise
+              {rise} > ({num(t.number(of + "rise_eval_sigmas"))} + sqrt(2 * ln(run:training_evals:count{{split="{split}"}})))
+                * {eval_noise}
               or
-              run:training_eval_loss:latest{{split="{split}"}} - run:training_eval_loss:best{{split="{split}"}}
-              > ({num(t.number(of + "rise_eval_sigmas"))}
-                 + sqrt(2 * ln(run:training_evals:count{{split="{split}"}})))
-                * run:training_eval_loss:noise{{split="{split}"}}
+              ({rise} > ignoring (split) {num(t.number(of + "rise_noise"))} * run:training_loss:noise)
+                unless on ({ids}) {eval_noise}
             )
             and on ({ids})
             run:training_loss:smoothed
