@@ -105,14 +105,13 @@ def recording_levels(rules: Path) -> List[List[Dict]]:
     scraped series, level n reads recordings of lower levels."""
     found = [{**rule, "interval": group.get("interval")} for path in sorted(rules.glob("*.rules.yml"))
              for group in yaml.safe_load(path.read_text())["groups"] for rule in group["rules"] if "record" in rule]
-    names = {rule["record"] for rule in found}
+    by_name = {rule["record"]: rule for rule in found}
     level: Dict[str, int] = {}
 
     def depth(rule: Dict) -> int:
         if rule["record"] not in level:
-            reads = set(re.findall(r"[a-zA-Z_:][a-zA-Z0-9_:]*", rule["expr"])) & names - {rule["record"]}
-            level[rule["record"]] = 1 + max((depth(next(r for r in found if r["record"] == name))
-                                             for name in reads), default=-1)
+            reads = set(re.findall(r"[a-zA-Z_:][a-zA-Z0-9_:]*", rule["expr"])) & by_name.keys() - {rule["record"]}
+            level[rule["record"]] = 1 + max((depth(by_name[name]) for name in reads), default=-1)
         return level[rule["record"]]
 
     levels: List[List[Dict]] = []

@@ -49,6 +49,17 @@ RUNS = [
          pathology={"kind": "overfit", "strength": "strong", "at": "1h", "rise": 0.15, "over": "1h"}),
     spec("converged-quiet-evals", eval="10", duration="12h",
          loss={"start": 3.0, "end": 1.0, "tau": "1h", "noise": 0.1, "gap": 0.02, "eval_noise": 0.004}),
+    # evaluations noisier than a train step (a few validation batches) with no generalization gap: judged by
+    # their own noise, not flagged for scattering; the same run overfitting by ten of their deviations over 2 h
+    spec("evals-noisier-than-steps", rate="1/s", eval="300", duration="3h",
+         loss={"start": 3.0, "end": 1.0, "tau": "20m", "noise": 0.05, "gap": 0.0, "eval_noise": 0.15}),
+    spec("overfit-noisy-evals", eval="10", duration="6h",
+         loss={"start": 3.0, "end": 1.0, "tau": "30m", "noise": 0.05, "gap": 0.0, "eval_noise": 0.15},
+         pathology={"kind": "overfit", "strength": "mild", "at": "3h", "rise": 1.5, "over": "2h"}),
+    # a converged run with no gap, evaluations a third as noisy as a step, one every 10 minutes for 12 hours:
+    # the latest stands above the lowest of 72 by more than a third of a train step deviation by chance alone
+    spec("converged-no-gap", eval="10", duration="12h",
+         loss={"start": 3.0, "end": 1.0, "tau": "30m", "noise": 0.05, "gap": 0.0, "eval_noise": 0.015}),
     # gradient bursts relative to the run's own norm: a healthy norm of 2e4, a burst x100 over a norm of 1
     spec("bignorm", grad={"level": 2.0e4, "noise": 0.4}),
     spec("burst", pathology={"kind": "explode", "strength": "strong", "at": "3h", "factor": 100, "burst": "3m"}),
@@ -105,6 +116,15 @@ def test_overfitting_is_a_val_rise_beyond_the_evaluations_own_noise(results):
     assert quiet.detected and quiet.delay <= 1800, quiet.first
     assert "TrainingDiverging" not in alerts(quiet)
     assert "TrainingOverfitting" not in alerts(results["converged-quiet-evals"])
+
+
+def test_evaluations_noisier_than_a_train_step_are_judged_by_their_own_noise(results):
+    # The rules before this test fired TrainingOverfitting on both healthy runs (after 30 minutes and 7 hours).
+    assert "TrainingOverfitting" not in alerts(results["evals-noisier-than-steps"])
+    assert "TrainingOverfitting" not in alerts(results["converged-no-gap"])
+    noisy = results["overfit-noisy-evals"]
+    assert noisy.delay is not None, noisy.first
+    assert noisy.first[("TrainingOverfitting", "warning", "ns-a")] >= noisy.run.onset  # nothing before the onset
 
 
 def test_gradient_bursts_and_growth_are_judged_against_the_runs_own_norm(results):

@@ -49,10 +49,6 @@ def recording(t: Thresholds) -> Dict[str, str]:
     floor, ceiling = t.seconds(HG + "floor"), t.seconds(HG + "ceiling")
     if floor > ceiling:
         raise ThresholdsError(f"{t.source}: {HG}floor must not exceed {HG}ceiling")
-    # The allowance is recorded once per trend interval: a phase's allowance must be in place before a run that
-    # entered the phase has been without progress for the train allowance and the alert's ``for``.
-    if t.seconds("trend_evaluation_interval") >= floor + t.seconds(HG + "for"):
-        raise ThresholdsError(f"{t.source}: trend_evaluation_interval must be shorter than {HG}floor + {HG}for")
     listed = "|".join([TRAIN, *phases])
     terms = [f'{PHASE}{{{s}, phase="{name}"}} * 0 + {num(sec)}' for name, sec in phases.items()]
     terms.append(f'{PHASE}{{{s}, phase!~"{listed}"}} * 0 + {num(t.seconds(HG + "other_phases"))}')

@@ -134,15 +134,26 @@ def _str_presenter(dumper: yaml.SafeDumper, data: str):
 _Dumper.add_representer(str, _str_presenter)
 
 
-def render(t: Thresholds) -> Dict[str, str]:
-    """File name -> YAML text of the two rule files."""
-    interval, trends = t.duration("evaluation_interval"), t.duration("trend_evaluation_interval")
-    if t.seconds("trend_evaluation_interval") < t.seconds("evaluation_interval"):
+def check_trend_interval(t: Thresholds) -> None:
+    """Refuse a ``trend_evaluation_interval`` that the rules evaluated at it cannot work with."""
+    trend = t.seconds("trend_evaluation_interval")
+    if trend < t.seconds("evaluation_interval"):
         raise ThresholdsError(f"{t.source}: trend_evaluation_interval must be at least evaluation_interval")
     # The longer windows sum the per-run increases over the smoothing window recorded at each trend evaluation:
     # each moment must fall in at least two of them.
-    if 2 * t.seconds("trend_evaluation_interval") > t.seconds("windows.smoothing"):
+    if 2 * trend > t.seconds("windows.smoothing"):
         raise ThresholdsError(f"{t.source}: trend_evaluation_interval must be at most half of windows.smoothing")
+    # The hang allowance is recorded once per trend interval: a phase's allowance must be in place before a run
+    # that entered the phase has been without progress for the train allowance and the alert's ``for``.
+    hung = "alerts.TrainingHung."
+    if trend >= t.seconds(hung + "floor") + t.seconds(hung + "for"):
+        raise ThresholdsError(f"{t.source}: trend_evaluation_interval must be shorter than {hung}floor + {hung}for")
+
+
+def render(t: Thresholds) -> Dict[str, str]:
+    """File name -> YAML text of the two rule files."""
+    check_trend_interval(t)
+    interval, trends = t.duration("evaluation_interval"), t.duration("trend_evaluation_interval")
     header = HEADER.format(source=Path(t.source).name)
     # Two intervals: the recordings over long windows, which read every rank's series, and the alerts that read
     # only them, every trend interval; the other alerts every evaluation interval, after the few recordings that

@@ -234,14 +234,14 @@ def slowest_changes(t: Thresholds) -> List[str]:
          f"smoothing window ({smooth}; {smooth_slow} below {num(smin)} steps in {smooth}), for "
          f"{t.duration('alerts.TrainingDiverging.for')}", f"{dv / look_h:.2f} recent sigma per hour"),
         ("TrainingOverfitting", f"val {num(100 * t.number(of + 'gap_widening'))}% of the gap and "
-         f"{num(t.number(of + 'rise_noise'))} sigma (or {num(t.number(of + 'rise_eval_sigmas'))} + sqrt(2 ln N) "
-         "eval sigma, N evaluations) above its best for "
+         f"{num(t.number(of + 'rise_eval_sigmas'))} + sqrt(2 ln N) eval sigma (N evaluations; "
+         f"{num(t.number(of + 'rise_noise'))} sigma before the eval noise is measured) above its best for "
          f"{num(t.number(of + 'patience_evals'))} evaluations, train within "
          f"{num(t.number(of + 'train_near_best_sigmas'))} sigma and {num(t.number(of + 'train_best_errors'))} "
          "standard errors of its best",
-         f"the larger of {num(100 * t.number(of + 'gap_widening'))}% of the gap and the smaller of "
-         f"{num(t.number(of + 'rise_noise'))} sigma and {num(t.number(of + 'rise_eval_sigmas'))} + sqrt(2 ln N) "
-         f"eval sigma in {look}"),
+         f"the larger of {num(100 * t.number(of + 'gap_widening'))}% of the gap and "
+         f"{num(t.number(of + 'rise_eval_sigmas'))} + sqrt(2 ln N) eval sigma ({num(t.number(of + 'rise_noise'))} "
+         f"sigma before the eval noise is measured) in {look}"),
         ("TrainingPlateau", f"best loss improving less than {num(pl)} sigma per {t.duration('alerts.TrainingPlateau.window')}"
          f" (per {slow} below {num(smin)} steps in it)",
          f"progress under {pl * 3600 / plw:.2f} sigma per hour ({pl / slow_h:.3f} at slow step rates) is a plateau"),
