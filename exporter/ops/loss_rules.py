@@ -41,6 +41,7 @@ def recording(t: Thresholds) -> Dict[str, str]:
     baseline, lookback = t.duration("windows.baseline"), t.duration("windows.lookback")
     split = t.text("eval_split")
     min_steps = num(t.number("windows.min_steps"))
+    of = "alerts.TrainingOverfitting."
 
     # Range functions over every rank's series are the bulk of the evaluation cost at many runs, and their cost
     # grows with the window (samples) and the ranks (series). So every rank's counters are read over one short
@@ -183,6 +184,17 @@ def recording(t: Thresholds) -> Dict[str, str]:
         # Evaluations of each split by the run's process (the best is the lowest of this many).
         "run:training_evals:count": f"""
             max by ({ids}, split) (training_evals_total{{{s}}})""",
+        # How far the eval split's loss may stand above its best by noise alone: (rise_eval_sigmas + sqrt(2 ln N))
+        # deviations of the evaluations' own noise (the best is the lowest of N noisy ones); the run's last
+        # estimate over the lookback, so a resumed process that has not measured its own yet is judged by it.
+        # Without one, rise_noise deviations of the train step noise, which assumes evaluations no noisier
+        # than a train step.
+        "run:training_eval_loss:rise_margin": f"""
+            (
+              {num(t.number(of + "rise_eval_sigmas"))} + sqrt(2 * ln(run:training_evals:count{{split="{split}"}}))
+            ) * last_over_time(run:training_eval_loss:noise{{split="{split}"}}[{lookback}])
+            or on ({ids})
+            label_replace({num(t.number(of + "rise_noise"))} * run:training_loss:noise, "split", "{split}", "", "")""",
         # The seed's generalization gap: latest eval loss minus the smoothed train loss.
         "run:training_generalization_gap:current": f"""
             run:training_eval_loss:latest{{split="{split}"}} - ignoring (split) run:training_loss:smoothed""",
@@ -237,10 +249,6 @@ def alerts(t: Thresholds) -> List[Alert]:
                      f" - run:training_eval_loss:best{{split=\"{split}\"}})"
                      f" > ignoring (split) ({num(t.number(pl + 'improvement_sigmas'))} * run:training_loss:noise)")
     skipped = over(SKIPPED, skip_window, t.seconds("windows.smoothing"))
-    rise = f'(run:training_eval_loss:latest{{split="{split}"}} - run:training_eval_loss:best{{split="{split}"}})'
-    # The evaluations' own noise, once the exporter has measured it; kept over the lookback so that a resumed
-    # process, which must make its own evaluations before it publishes one, is judged by the run's.
-    eval_noise = f'last_over_time(run:training_eval_loss:noise{{split="{split}"}}[{lookback}])'
     last_nf = LAST_NONFINITE
     # The second branch is a run first scraped with a non-finite step behind it (before its process's first
     # scrape, or during a Prometheus outage). It reads every rank's series: the recorded one has no past when
@@ -305,11 +313,8 @@ def alerts(t: Thresholds) -> List[Alert]:
             )
             and on ({ids})
             (
-              {rise} > ({num(t.number(of + "rise_eval_sigmas"))} + sqrt(2 * ln(run:training_evals:count{{split="{split}"}})))
-                * {eval_noise}
-              or
-              ({rise} > ignoring (split) {num(t.number(of + "rise_noise"))} * run:training_loss:noise)
-                unless on ({ids}) {eval_noise}
+              run:training_eval_loss:latest{{split="{split}"}} - run:training_eval_loss:best{{split="{split}"}}
+              > run:training_eval_loss:rise_margin
             )
             and on ({ids})
             run:training_loss:smoothed

@@ -174,6 +174,12 @@ def run_panels(t: Thresholds) -> Tuple[Row, ...]:
         PanelSpec("Generalization gap", f"Latest {split} loss minus the smoothed train loss. Growing steadily above "
                   "zero: overfitting.",
                   (Query(f"run:training_generalization_gap:current{{{sel}}}", "{{run}}"),), zero_line=True),
+        PanelSpec(f"{split.capitalize()} rise over its best", f"How far the latest {split} loss stands above the "
+                  "lowest so far, and the margin the overfitting alert needs it to clear: a multiple of the "
+                  "evaluations' own noise once the exporter has measured it, else of the train step noise.",
+                  (Query(f'run:training_eval_loss:latest{{{sel}, split="{split}"}} - '
+                         f'run:training_eval_loss:best{{{sel}, split="{split}"}}', "{{run}}"),
+                   Query(f"run:training_eval_loss:rise_margin{{{sel}}}", "{{run}} margin", "threshold"))),
     ))
     instability = Row("Instability", (
         PanelSpec("Loss spikes", "The train loss of the last step at each scrape, the largest loss of any step "
