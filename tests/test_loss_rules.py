@@ -136,21 +136,37 @@ def test_nan_before_a_new_process_first_scrape_fires(results):
     assert results["nan-restart"].detected
 
 
-def test_plateau_tells_stuck_from_converged_by_the_learning_rate(tmp_path):
-    # Flat from 4h: at a constant learning rate the run is stuck; at the end of a cosine it has converged.
-    causes = {"stuck": {"kind": "constant", "lr": 1e-3}, "converged": {"kind": "cosine", "lr": 1e-3}}
-    inputs = [x for cause, schedule in causes.items()
-              for x in scorecard._input(scrape_series(spec(cause, duration="8h", schedule=schedule, loss={
-                  "start": 3.0, "end": 1.0, "tau": "30m", "noise": 0.05},
-                  pathology={"kind": "plateau", "strength": "strong", "at": "4h"})),
-                  {"job": "training", "namespace": "ns-a", "instance": cause})]
-    expr = 'count by (run, cause) (ALERTS{alertname="TrainingPlateau", alertstate="firing"})'
+def expect_firing(tmp_path, runs, expr, at, samples):
+    """promtool: the committed rules over ``runs`` (each on a target of its own) give ``samples`` for ``expr``
+    at ``at``."""
+    inputs = [x for run in runs for x in scorecard._input(
+        scrape_series(run), {"job": "training", "namespace": "ns-a", "instance": run.name})]
     doc = {"rule_files": [str(p) for p in sorted(RULES.glob("*.rules.yml"))], "evaluation_interval": "30s",
            "group_eval_order": list(rules.GROUP_ORDER),
-           "tests": [{"interval": "60s", "input_series": inputs,
-                      "promql_expr_test": [{"expr": expr, "eval_time": "8h", "exp_samples": [
-                          {"labels": f'{{run="{cause}", cause="{cause}"}}', "value": 1} for cause in causes]}]}]}
-    path = tmp_path / "plateau.yml"
+           "tests": [{"interval": "60s", "input_series": inputs, "promql_expr_test": [
+               {"expr": expr, "eval_time": at, "exp_samples": [{"labels": labels, "value": 1} for labels in samples]}]}]}
+    path = tmp_path / "expect.yml"
     path.write_text(yaml.safe_dump(doc, width=1 << 20))
     result = subprocess.run([binary("promtool"), "test", "rules", str(path)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-2000:]
+
+
+def test_plateau_tells_stuck_from_converged_by_the_learning_rate(tmp_path):
+    # Flat from 4h: at a constant learning rate the run is stuck; at the end of a cosine it has converged.
+    causes = {"stuck": {"kind": "constant", "lr": 1e-3}, "converged": {"kind": "cosine", "lr": 1e-3}}
+    runs = [spec(cause, duration="8h", schedule=schedule, loss={"start": 3.0, "end": 1.0, "tau": "30m", "noise": 0.05},
+                 pathology={"kind": "plateau", "strength": "strong", "at": "4h"}) for cause, schedule in causes.items()]
+    expect_firing(tmp_path, runs, 'count by (run, cause) (ALERTS{alertname="TrainingPlateau", alertstate="firing"})',
+                  "8h", [f'{{run="{cause}", cause="{cause}"}}' for cause in causes])
+
+
+def test_overfitting_outlives_a_restart(tmp_path):
+    # Overfitting from 1h30 (evaluations hourly), firing from 3h; the process dies at 3h30 and a new one
+    # resumes a minute later with a best of its own, the val loss of 4h, far above the run's. Judged against the
+    # run's best of the lookback, the alert is back from the new process's second evaluation (5h); judged
+    # against the new process's best, it would wait for two evaluations after that best and a rise over it
+    # (6h).
+    run = spec("resumed-overfit", eval="60", duration="6h30m", events={"restart": "3h30m"},
+               pathology={"kind": "overfit", "strength": "strong", "at": "1h30m", "rise": 0.3, "over": "2h"})
+    expect_firing(tmp_path, [run], 'count by (run) (ALERTS{alertname="TrainingOverfitting", alertstate="firing"})',
+                  "5h30m", ['{run="resumed-overfit"}'])

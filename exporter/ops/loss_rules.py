@@ -173,10 +173,20 @@ def recording(t: Thresholds) -> Dict[str, str]:
             "trend", "trend_slow"),
         "run:training_eval_loss:latest": f"""
             avg by ({ids}, split) (training_loss{{{s}, split!="train"}})""",
-        "run:training_eval_loss:best": f"""
+        # The best eval loss of the run's current process(es), and of the run over the lookback: a resumed
+        # process starts its own best, and would otherwise hide an overfitting that began before the restart.
+        "run:training_eval_loss:best_process": f"""
             min by ({ids}, split) (training_eval_loss_best{{{s}}})""",
+        "run:training_eval_loss:best": f"""
+            min_over_time(run:training_eval_loss:best_process[{lookback}])""",
+        # Evaluations since the run's best: the process's own count, or, while the best belongs to an earlier
+        # process, every evaluation of this one.
         "run:training_evals:since_best": f"""
-            max by ({ids}, split) (training_evals_since_best{{{s}}})""",
+            max by ({ids}, split) (training_evals_since_best{{{s}}})
+              unless on ({ids}, split) (run:training_eval_loss:best_process > run:training_eval_loss:best)
+            or
+            max by ({ids}, split) (training_evals_total{{{s}}})
+              and on ({ids}, split) (run:training_eval_loss:best_process > run:training_eval_loss:best)""",
         # The noise of one evaluation, from the exporter's spread of its recent evaluations; the largest rank's,
         # which errs on the quiet side when ranks evaluate shards whose mean is less noisy.
         "run:training_eval_loss:noise": f"""
