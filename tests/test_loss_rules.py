@@ -152,12 +152,18 @@ def expect_firing(tmp_path, runs, expr, at, samples):
 
 
 def test_plateau_tells_stuck_from_converged_by_the_learning_rate(tmp_path):
-    # Flat from 4h: at a constant learning rate the run is stuck; at the end of a cosine it has converged.
+    # Flat from 4h: at a constant learning rate the run is stuck; at the end of a cosine it has converged. The
+    # third is stuck too, restarted at 7h: still a run of 8 hours, not one of a few minutes (min_age).
     causes = {"stuck": {"kind": "constant", "lr": 1e-3}, "converged": {"kind": "cosine", "lr": 1e-3}}
-    runs = [spec(cause, duration="8h", schedule=schedule, loss={"start": 3.0, "end": 1.0, "tau": "30m", "noise": 0.05},
-                 pathology={"kind": "plateau", "strength": "strong", "at": "4h"}) for cause, schedule in causes.items()]
+    plateau = {"kind": "plateau", "strength": "strong", "at": "4h"}
+    loss = {"start": 3.0, "end": 1.0, "tau": "30m", "noise": 0.05}
+    runs = [spec(cause, duration="8h", schedule=schedule, loss=loss, pathology=plateau)
+            for cause, schedule in causes.items()]
+    runs.append(spec("stuck-resumed", duration="8h", schedule=causes["stuck"], loss=loss, pathology=plateau,
+                     events={"restart": "7h"}))
     expect_firing(tmp_path, runs, 'count by (run, cause) (ALERTS{alertname="TrainingPlateau", alertstate="firing"})',
-                  "8h", [f'{{run="{cause}", cause="{cause}"}}' for cause in causes])
+                  "8h", [f'{{run="{cause}", cause="{cause}"}}' for cause in causes]
+                  + ['{run="stuck-resumed", cause="stuck"}'])
 
 
 def test_overfitting_outlives_a_restart(tmp_path):

@@ -42,6 +42,9 @@ def recording(t: Thresholds) -> Dict[str, str]:
     split = t.text("eval_split")
     min_steps = num(t.number("windows.min_steps"))
     of = "alerts.TrainingOverfitting."
+    eval_margin = (f'({num(t.number(of + "rise_eval_sigmas"))} + sqrt(2 * ln(run:training_evals:count{{split="{split}"}})))'
+                   f' * last_over_time(run:training_eval_loss:noise{{split="{split}"}}[{lookback}])')
+    floor = f'label_replace({num(t.number(of + "min_rise_noise"))} * run:training_loss:noise, "split", "{split}", "", "")'
 
     # Range functions over every rank's series are the bulk of the evaluation cost at many runs, and their cost
     # grows with the window (samples) and the ranks (series). So every rank's counters are read over one short
@@ -62,8 +65,13 @@ def recording(t: Thresholds) -> Dict[str, str]:
         # Steps whose update a gradient scaler skipped; the same on every rank (the scaler's check is reduced
         # across ranks), so the largest rank's count is the run's.
         SKIPPED: f"max by ({ids}) (increase(training_scaler_skipped_steps_total{{{s}}}[{smooth}]))",
-        # When the run's first exporter started (the plateau rules wait for the run to age).
-        START: f"min by ({ids}) (training_run_start_timestamp_seconds{{{s}}})",
+        # When the run's first exporter started (the plateau rules wait for the run to age), kept from its own
+        # earlier samples over the lookback: a resumed process publishes its own later start, and the run would
+        # be young again after every restart (absent once no process of the run is served).
+        START: f"""
+            min_over_time({START}[{lookback}]) < min by ({ids}) (training_run_start_timestamp_seconds{{{s}}})
+            or
+            min by ({ids}) (training_run_start_timestamp_seconds{{{s}}})""",
     }
 
     def increase(counter: str, w: str) -> str:
@@ -197,12 +205,13 @@ def recording(t: Thresholds) -> Dict[str, str]:
         # How far the eval split's loss may stand above its best by noise alone: (rise_eval_sigmas + sqrt(2 ln N))
         # deviations of the evaluations' own noise (the best is the lowest of N noisy ones); the run's last
         # estimate over the lookback, so a resumed process that has not measured its own yet is judged by it.
-        # Without one, rise_noise deviations of the train step noise, which assumes evaluations no noisier
-        # than a train step.
+        # Never below min_rise_noise of them (evaluations that repeat exactly measure a noise of 0). Without an
+        # estimate, rise_noise deviations of the train step noise, which assumes evaluations no noisier than a
+        # train step.
         "run:training_eval_loss:rise_margin": f"""
-            (
-              {num(t.number(of + "rise_eval_sigmas"))} + sqrt(2 * ln(run:training_evals:count{{split="{split}"}}))
-            ) * last_over_time(run:training_eval_loss:noise{{split="{split}"}}[{lookback}])
+            ({eval_margin}) >= {floor}
+            or
+            {floor} and on ({ids}, split) ({eval_margin})
             or on ({ids})
             label_replace({num(t.number(of + "rise_noise"))} * run:training_loss:noise, "split", "{split}", "", "")""",
         # The seed's generalization gap: latest eval loss minus the smoothed train loss.
@@ -334,8 +343,8 @@ def alerts(t: Thresholds) -> List[Alert]:
          t.duration(of + "for"),
          "Validation loss rises while training loss falls: overfitting.",
          "Run {{ $labels.run }}: " + split + " loss has not improved for {{ $value }} evaluations and stands above "
-         "its best by more than " + num(100 * t.number(of + "gap_widening")) + "% of the generalization gap at "
-         "that best and beyond the evaluations' own noise, while the train loss keeps at its lowest of the last "
+         "its best by more than " + num(100 * t.number(of + "gap_widening")) + "% of the gap between that best "
+         "and the lowest smoothed train loss, and beyond the evaluations' own noise, while the train loss keeps at its lowest of the last "
          + lookback + "."),
         ("TrainingPlateau", f"""
             (

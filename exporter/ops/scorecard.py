@@ -234,8 +234,9 @@ def slowest_changes(t: Thresholds) -> List[str]:
          f"smoothing window ({smooth}; {smooth_slow} below {num(smin)} steps in {smooth}), for "
          f"{t.duration('alerts.TrainingDiverging.for')}", f"{dv / look_h:.2f} recent sigma per hour"),
         ("TrainingOverfitting", f"val {num(100 * t.number(of + 'gap_widening'))}% of the gap and "
-         f"{num(t.number(of + 'rise_eval_sigmas'))} + sqrt(2 ln N) eval sigma (N evaluations; "
-         f"{num(t.number(of + 'rise_noise'))} sigma before the eval noise is measured) above its best for "
+         f"{num(t.number(of + 'rise_eval_sigmas'))} + sqrt(2 ln N) eval sigma (N evaluations; at least "
+         f"{num(t.number(of + 'min_rise_noise'))} sigma; {num(t.number(of + 'rise_noise'))} sigma before the eval "
+         "noise is measured) above its best for "
          f"{num(t.number(of + 'patience_evals'))} evaluations, train within "
          f"{num(t.number(of + 'train_near_best_sigmas'))} sigma and {num(t.number(of + 'train_best_errors'))} "
          "standard errors of its best",
