@@ -60,6 +60,11 @@ RUNS = [
     # the latest stands above the lowest of 72 by more than a third of a train step deviation by chance alone
     spec("converged-no-gap", eval="10", duration="12h",
          loss={"start": 3.0, "end": 1.0, "tau": "30m", "noise": 0.05, "gap": 0.0, "eval_noise": 0.015}),
+    # weights frozen at 3h (the train loss still varies by batch): every evaluation repeats the same loss, a
+    # little above the luckiest one before, and their measured noise falls to 0
+    spec("frozen", seed=8, rate="1/s", eval="300", duration="6h",
+         loss={"start": 3.0, "end": 1.0, "tau": "30m", "noise": 0.05, "gap": 0.0, "eval_noise": 0.002},
+         pathology={"kind": "plateau", "strength": "strong", "at": "3h", "frozen": True}),
     # gradient bursts relative to the run's own norm: a healthy norm of 2e4, a burst x100 over a norm of 1
     spec("bignorm", grad={"level": 2.0e4, "noise": 0.4}),
     spec("burst", pathology={"kind": "explode", "strength": "strong", "at": "3h", "factor": 100, "burst": "3m"}),
@@ -125,6 +130,12 @@ def test_evaluations_noisier_than_a_train_step_are_judged_by_their_own_noise(res
     noisy = results["overfit-noisy-evals"]
     assert noisy.delay is not None, noisy.first
     assert noisy.first[("TrainingOverfitting", "warning", "ns-a")] >= noisy.run.onset  # nothing before the onset
+
+
+def test_evaluations_that_repeat_exactly_are_not_overfitting(results):
+    # Judged against their measured noise of 0 alone, the val loss that settled above its best paged (at 4h10
+    # on the rules before the min_rise_noise floor).
+    assert "TrainingOverfitting" not in alerts(results["frozen"])
 
 
 def test_gradient_bursts_and_growth_are_judged_against_the_runs_own_norm(results):

@@ -169,6 +169,8 @@ def _inject(run: Run, p: Mapping[str, Any], out: Dict[str, np.ndarray], scale: f
         out["level"] = np.where(after, out["level"][np.argmax(after)] + float(p["rise"]) * scale * since / over,
                                 out["level"])
     elif kind == "plateau":  # the level stops falling (it creeps by `creep` scales per `over`); the LR stays high
+        # (`frozen: true`: the weights stop changing, so every evaluation repeats the first one after the onset,
+        # its noise included; see scrape_series)
         at = np.argmax(after)
         out["level"] = np.where(after, out["level"][at] - float(p.get("creep", 0.0)) * scale * since / over,
                                 out["level"])
@@ -264,6 +266,8 @@ def scrape_series(run: Run, name: Optional[str] = None, pathology: bool = True, 
     eval_rng = np.random.default_rng(run.seed + 1)
     # A recorded evaluation is real: it gets no noise added.
     eval_noise = 0.0 if run.recorded else float(run.loss.get("eval_noise", 0.005)) * float(c["scale"])
+    frozen = run.onset if run.pathology is not None and run.pathology.get("frozen") else math.inf
+    frozen_noise: Optional[float] = None
     with _simulated(clock):
         exp = TrainingExporter(run=name or run.name, port=0, addr="127.0.0.1", registry=CollectorRegistry())
         alive, next_eval, i = True, run.eval_interval, 0
@@ -282,7 +286,11 @@ def scrape_series(run: Run, name: Optional[str] = None, pathology: bool = True, 
                     if alive:
                         exp.log_step(loss[i], grad_norm=grad[i], lr=lr[i], step=i + 1, samples=32)
                         if t[i] + 1e-9 >= next_eval:
-                            exp.log_eval("val", loss=float(val[i] + eval_rng.normal(0, eval_noise)), step=i + 1,
+                            noise = frozen_noise if t[i] >= frozen and frozen_noise is not None else \
+                                eval_rng.normal(0, eval_noise)
+                            if t[i] >= frozen:
+                                frozen_noise = noise
+                            exp.log_eval("val", loss=float(val[i] + noise), step=i + 1,
                                          metrics=None if accuracy is None else {"accuracy": float(accuracy[i])})
                             next_eval += run.eval_interval
                     i += 1
