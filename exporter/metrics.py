@@ -89,9 +89,10 @@ _DEFS = [
     Metric("training_eval_timestamp_seconds", "gauge", "Unix time of the latest evaluation of each split.",
            ("split",)),
     Metric("training_evals_total", "counter", "Evaluations logged per split.", ("split",)),
-    Metric("training_eval_loss_best", "gauge", "Lowest finite eval loss of each split so far in this process.", ("split",)),
-    Metric("training_evals_since_best", "gauge", "Evaluations with a loss since this process's best one of each split (0 at the "
-           "best).", ("split",)),
+    Metric("training_eval_loss_best", "gauge", "Lowest finite eval loss of each split so far in this process.",
+           ("split",)),
+    Metric("training_evals_since_best", "gauge", "Evaluations with a loss since this process's best one of each "
+           "split (0 at the best).", ("split",)),
     Metric("training_eval_loss_noise", "gauge", "Noise of each split's eval loss: the standard deviation of one "
            "evaluation around its curve, from the spread of the successive differences of its last "
            f"{EVAL_NOISE_HISTORY} finite evaluations (a steady trend is left out); absent until "

@@ -155,7 +155,8 @@ def expect_firing(tmp_path, runs, expr, at, samples):
     doc = {"rule_files": [str(p) for p in sorted(RULES.glob("*.rules.yml"))], "evaluation_interval": "30s",
            "group_eval_order": list(rules.GROUP_ORDER),
            "tests": [{"interval": "60s", "input_series": inputs, "promql_expr_test": [
-               {"expr": expr, "eval_time": at, "exp_samples": [{"labels": labels, "value": 1} for labels in samples]}]}]}
+               {"expr": expr, "eval_time": at,
+                "exp_samples": [{"labels": labels, "value": 1} for labels in samples]}]}]}
     path = tmp_path / "expect.yml"
     path.write_text(yaml.safe_dump(doc, width=1 << 20))
     result = subprocess.run([binary("promtool"), "test", "rules", str(path)], capture_output=True, text=True)

@@ -42,9 +42,11 @@ def recording(t: Thresholds) -> Dict[str, str]:
     split = t.text("eval_split")
     min_steps = num(t.number("windows.min_steps"))
     of = "alerts.TrainingOverfitting."
-    eval_margin = (f'({num(t.number(of + "rise_eval_sigmas"))} + sqrt(2 * ln(run:training_evals:count{{split="{split}"}})))'
+    evals = f'run:training_evals:count{{split="{split}"}}'
+    eval_margin = (f'({num(t.number(of + "rise_eval_sigmas"))} + sqrt(2 * ln({evals})))'
                    f' * last_over_time(run:training_eval_loss:noise{{split="{split}"}}[{lookback}])')
-    floor = f'label_replace({num(t.number(of + "min_rise_noise"))} * run:training_loss:noise, "split", "{split}", "", "")'
+    floor = (f'label_replace({num(t.number(of + "min_rise_noise"))} * run:training_loss:noise, '
+             f'"split", "{split}", "", "")')
 
     # Range functions over every rank's series are the bulk of the evaluation cost at many runs, and their cost
     # grows with the window (samples) and the ranks (series). So every rank's counters are read over one short
@@ -344,8 +346,8 @@ def alerts(t: Thresholds) -> List[Alert]:
          "Validation loss rises while training loss falls: overfitting.",
          "Run {{ $labels.run }}: " + split + " loss has not improved for {{ $value }} evaluations and stands above "
          "its best by more than " + num(100 * t.number(of + "gap_widening")) + "% of the gap between that best "
-         "and the lowest smoothed train loss, and beyond the evaluations' own noise, while the train loss keeps at its lowest of the last "
-         + lookback + "."),
+         "and the lowest smoothed train loss, and beyond the evaluations' own noise, while the train loss keeps "
+         "at its lowest of the last " + lookback + "."),
         ("TrainingPlateau", f"""
             (
             label_replace(
